@@ -51,4 +51,4 @@ def note(text: str) -> None:
 
 def show_command(argv: str) -> None:
     """Echo a command that changes the world, before it runs."""
-    console.print(f"  [dim]$ {argv}[/dim]")
+    console.print(f"  [dim]$ {argv}[/dim]", soft_wrap=True)
