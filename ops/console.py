@@ -7,12 +7,18 @@ Every module prints through ``console`` so that output stays consistent and
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from invoke.exceptions import Exit
 from rich.console import Console
 
+from ops.errors import OpsError
+
 console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
 
 
 @contextlib.contextmanager
@@ -52,3 +58,34 @@ def note(text: str) -> None:
 def show_command(argv: str) -> None:
     """Echo a command that changes the world, before it runs."""
     console.print(f"  [dim]$ {argv}[/dim]", soft_wrap=True)
+
+
+def reports_errors(body: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the toolkit's errors into a message, a hint and exit status 1.
+
+    Wraps a task body; Invoke still sees the body's own signature.
+    """
+
+    @functools.wraps(body)
+    def task_body(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return body(*args, **kwargs)
+        except OpsError as exc:
+            errors.print(f"[red]error:[/red] {exc.message}", soft_wrap=True)
+            if exc.hint:
+                errors.print(f"[yellow]hint:[/yellow] {exc.hint}", soft_wrap=True)
+            raise Exit(code=1) from None
+        except KeyboardInterrupt:
+            errors.print("[red]interrupted[/red]: run the same command again to finish")
+            raise Exit(code=130) from None
+
+    return task_body
+
+
+def confirm(question: str) -> bool:
+    """Ask a yes/no question; no terminal or no answer means no."""
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in {"y", "yes"}

@@ -1,0 +1,241 @@
+"""Health of a stack, end to end, as its users depend on it.
+
+``/health`` alone proves little: it answers without touching the database or
+the bucket. So ``status`` also reads the metadata store through the API and
+sends an artifact through the server to the bucket and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+
+import requests
+import tenacity
+from fabric import Connection
+from rich.table import Table
+
+from ops import host
+from ops.aws import Aws
+from ops.config import ARTIFACT_PREFIX, Settings
+from ops.console import console
+from ops.errors import OpsError
+from ops.provision import describe
+from ops.target import Target, connect, locate
+
+HTTP_TIMEOUT = 10
+# Less free space than this where the database lives fails the disk check.
+MIN_FREE_BYTES = 1 << 30
+MIN_FREE_FRACTION = 0.10
+HEALTH_PREFIX = "mlflow-ops-health"
+
+
+@dataclasses.dataclass
+class Check:
+    """One line of the status table. ``passed`` is None when it could not run."""
+
+    name: str
+    passed: bool | None
+    detail: str
+    hint: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        return {True: "ok", False: "FAILED", None: "skipped"}[self.passed]
+
+    def as_dict(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self), "outcome": self.outcome}
+
+
+def show(checks: list[Check]) -> None:
+    """Print the checks as a table, then the hint of each one that failed."""
+    table = Table(title="status", title_justify="left")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    colour = {True: "green", False: "red", None: "yellow"}
+    for check in checks:
+        table.add_row(check.name, f"[{colour[check.passed]}]{check.outcome}[/]", check.detail)
+    console.print(table)
+    for check in checks:
+        if check.passed is False and check.hint:
+            console.print(f"[red]{check.name}[/red]: {check.hint}", soft_wrap=True)
+
+
+def _fail(name: str, error: Exception, hint: str | None = None) -> Check:
+    if isinstance(error, OpsError):
+        return Check(name, False, error.message, error.hint or hint)
+    return Check(name, False, f"{type(error).__name__}: {error}", hint)
+
+
+def status(
+    settings: Settings,
+    *,
+    connector: Callable[[Settings, Target], Connection] = connect,
+) -> list[Check]:
+    """Run every check; a check whose prerequisite failed is marked skipped."""
+    checks: list[Check] = []
+    aws = None
+    try:
+        aws = Aws.connect(settings)
+        checks.append(_instance_check(describe(settings, aws)))
+    except OpsError as exc:
+        checks.append(_fail("instance", exc))
+
+    try:
+        target = locate(settings, aws)
+    except OpsError as exc:
+        names = ["ssh", "unit", "health", "version", "metadata", "artifacts", "disk"]
+        return [*checks, *(Check(name, None, exc.message, exc.hint) for name in names)]
+
+    checks.extend(_host_checks(settings, target, connector))
+    checks.extend(_server_checks(settings, target, aws))
+    return checks
+
+
+def _instance_check(state) -> Check:
+    if state.instance_state == "running":
+        return Check("instance", True, f"{state.instance_id} running at {state.public_address}")
+    found = f"{state.instance_id} is {state.instance_state}" if state.instance_id else "none"
+    return Check("instance", False, found, hint="run `invoke provision`")
+
+
+def _host_checks(settings: Settings, target: Target, connector) -> list[Check]:
+    try:
+        with connector(settings, target) as c:
+            facts = host.probe(c)
+    except Exception as exc:  # any failure to reach the host is this check's finding
+        login = f"ssh -p {target.ssh_port} {target.ssh_user}@{target.ssh_host}"
+        return [
+            _fail("ssh", exc, hint=f"is SSH open to you? try `{login}`"),
+            Check("unit", None, "needs SSH"),
+            Check("disk", None, "needs SSH"),
+        ]
+    checks = [Check("ssh", True, target.ssh)]
+
+    unit = facts["unit"]
+    restarts = unit.get("NRestarts", "?")
+    state = f"{unit.get('ActiveState', '?')} ({unit.get('SubState', '?')}), {restarts} restarts"
+    if unit.get("ActiveState") == "active":
+        checks.append(Check("unit", True, state))
+    else:
+        checks.append(
+            Check(
+                "unit",
+                False,
+                state,
+                hint=f"see `sudo journalctl -u {host.SERVICE}` on the host, or run `invoke deploy`",
+            )
+        )
+
+    disk = facts["disk"]
+    free, total = disk["free"], disk["total"]
+    detail = f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {disk['path']}"
+    if free < MIN_FREE_BYTES or free < total * MIN_FREE_FRACTION:
+        checks.append(
+            Check("disk", False, detail, hint="free space or grow the volume before MLflow stops")
+        )
+    else:
+        checks.append(Check("disk", True, detail))
+    return checks
+
+
+def _server_checks(settings: Settings, target: Target, aws: Aws | None) -> list[Check]:
+    session = requests.Session()
+    url = target.url
+    try:
+        answer = session.get(f"{url}/health", timeout=HTTP_TIMEOUT)
+        if answer.status_code != 200 or answer.text.strip() != "OK":
+            raise OpsError(f"/health answered {answer.status_code}: {answer.text[:80]!r}")
+    except (requests.RequestException, OpsError) as exc:
+        hint = f"is port {target.port} open to you? is the unit running?"
+        names = ["version", "metadata", "artifacts"]
+        return [_fail("health", exc, hint), *(Check(n, None, "needs /health") for n in names)]
+    checks = [Check("health", True, f"{url}/health answered OK")]
+
+    version = session.get(f"{url}/version", timeout=HTTP_TIMEOUT).text.strip()
+    if version == settings.mlflow_version:
+        checks.append(Check("version", True, version))
+    else:
+        checks.append(
+            Check(
+                "version",
+                False,
+                f"server runs {version}, configured {settings.mlflow_version}",
+                hint="run `invoke deploy` to install the configured version",
+            )
+        )
+
+    checks.append(_metadata_check(session, url))
+    checks.append(_artifact_check(session, target, aws))
+    return checks
+
+
+def _metadata_check(session: requests.Session, url: str) -> Check:
+    try:
+        answer = session.post(
+            f"{url}/api/2.0/mlflow/experiments/search",
+            json={"max_results": 1},
+            timeout=HTTP_TIMEOUT,
+        )
+        answer.raise_for_status()
+        answer.json()
+    except (requests.RequestException, ValueError) as exc:
+        return _fail("metadata", exc, hint=f"see `sudo journalctl -u {host.SERVICE}` on the host")
+    return Check("metadata", True, "searched experiments in the metadata store")
+
+
+def _artifact_check(session: requests.Session, target: Target, aws: Aws | None) -> Check:
+    """Upload a small artifact through the server, find it in S3, read it back, delete it."""
+    path = f"{HEALTH_PREFIX}/{uuid.uuid4().hex}.txt"
+    payload = f"mlflow-ops status check {time.time()}\n".encode()
+    endpoint = f"{target.url}/api/2.0/mlflow-artifacts/artifacts/{path}"
+    try:
+        session.put(endpoint, data=payload, timeout=HTTP_TIMEOUT).raise_for_status()
+        try:
+            back = session.get(endpoint, timeout=HTTP_TIMEOUT)
+            back.raise_for_status()
+            if back.content != payload:
+                raise OpsError("the artifact read back differs from the one written")
+            where = target.artifacts_destination
+            if target.bucket and aws is not None:
+                key = f"{ARTIFACT_PREFIX}/{path}"
+                if aws.head_object(target.bucket, key) is None:
+                    raise OpsError(f"the artifact did not reach s3://{target.bucket}/{key}")
+        finally:
+            session.delete(endpoint, timeout=HTTP_TIMEOUT)
+    except (requests.RequestException, OpsError) as exc:
+        return _fail(
+            "artifacts",
+            exc,
+            hint="check the instance role's access to the bucket and the server's log",
+        )
+    return Check("artifacts", True, f"round trip through the server to {where}")
+
+
+def wait_until_ready(url: str, version: str, *, timeout: float = 180) -> None:
+    """Wait until the server at ``url`` answers ``/health`` and runs ``version``."""
+
+    def ready() -> None:
+        answer = requests.get(f"{url}/health", timeout=HTTP_TIMEOUT)
+        if answer.status_code != 200:
+            raise OpsError(f"/health answered {answer.status_code}")
+        running = requests.get(f"{url}/version", timeout=HTTP_TIMEOUT).text.strip()
+        if running != version:
+            raise OpsError(f"the server runs {running}, not {version}")
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_fixed(1),
+        retry=tenacity.retry_if_exception_type((requests.RequestException, OpsError)),
+        reraise=True,
+    )
+    try:
+        retrying(ready)
+    except (requests.RequestException, OpsError) as exc:
+        raise OpsError(
+            f"{url} did not become ready within {timeout:.0f}s: {exc}",
+            hint=f"see `sudo journalctl -u {host.SERVICE}` on the host",
+        ) from None

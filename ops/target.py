@@ -1,0 +1,114 @@
+"""Where a stack's server runs and how to reach it.
+
+This is the one place that joins the settings, the stack's AWS resources and
+an SSH connection: the host steps in ``ops.host`` know nothing of AWS, and
+``ops.provision`` knows nothing of SSH beyond waiting for it to answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fabric import Config, Connection
+
+from ops.aws import Aws
+from ops.config import ARTIFACT_PREFIX, Settings, parse_host
+from ops.errors import OpsError
+from ops.provision import describe
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A running stack's server as clients and the operator reach it."""
+
+    ssh_user: str
+    ssh_host: str
+    ssh_port: int
+    address: str
+    port: int
+    artifacts_destination: str
+    bucket: str | None = None
+    public_address: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    @property
+    def ssh(self) -> str:
+        return f"{self.ssh_user}@{self.ssh_host}:{self.ssh_port}"
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        # MLflow answers 403 to a Host header it does not know; clients send
+        # the address with the port, proxies and browsers may send it bare.
+        names = dict.fromkeys(
+            name for name in (self.address, self.public_address, "localhost", "127.0.0.1") if name
+        )
+        return tuple(f"{name}{suffix}" for name in names for suffix in ("", f":{self.port}"))
+
+
+def locate(settings: Settings, aws: Aws | None = None) -> Target:
+    """Find the stack's server: the ``ssh`` setting, else its instance in AWS.
+
+    AWS is asked only for what the settings leave open: a host given with
+    ``--host`` and an explicit ``artifacts_destination`` need no AWS at all.
+    """
+    needs_aws = settings.ssh is None or settings.artifacts_destination is None
+    state = None
+    if needs_aws:
+        aws = aws or Aws.connect(settings)
+        state = describe(settings, aws)
+
+    if settings.ssh is not None:
+        user, address, ssh_port = parse_host(settings.ssh, settings.ssh_user)
+    elif state.instance_state == "running" and state.public_address:
+        user, address, ssh_port = settings.ssh_user, state.public_address, 22
+    else:
+        found = state.instance_state or "no instance"
+        raise OpsError(
+            f"stack '{settings.stack}' has no running instance ({found})",
+            hint="run `invoke provision`, or give a host with --host user@address[:port]",
+        )
+
+    if settings.artifacts_destination is not None:
+        destination, bucket = settings.artifacts_destination, None
+    else:
+        bucket = state.bucket
+        destination = f"s3://{bucket}/{ARTIFACT_PREFIX}"
+    return Target(
+        ssh_user=user,
+        ssh_host=address,
+        ssh_port=ssh_port,
+        address=address,
+        port=settings.port,
+        artifacts_destination=destination,
+        bucket=bucket,
+        public_address=state.public_address if state else None,
+    )
+
+
+def connect(settings: Settings, target: Target) -> Connection:
+    """Open an SSH connection with the stack's key and nothing else.
+
+    Neither the user's agent nor other keys in ``~/.ssh`` are tried, and no
+    ``~/.ssh/config`` is read: the connection is the same for every teammate.
+    """
+    key = settings.ssh_key
+    if not key.is_file():
+        raise OpsError(
+            f"SSH key {key} not found",
+            hint=f"create one with `ssh-keygen -t ed25519 -f {key}` or set --ssh-key",
+        )
+    return Connection(
+        target.ssh_host,
+        user=target.ssh_user,
+        port=target.ssh_port,
+        config=Config(overrides={"load_ssh_configs": False}),
+        connect_timeout=15,
+        connect_kwargs={
+            "key_filename": str(key),
+            "look_for_keys": False,
+            "allow_agent": False,
+        },
+    )

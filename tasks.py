@@ -1,0 +1,234 @@
+"""mlflow-ops: an MLflow Tracking Server on AWS that stays healthy.
+
+Run ``invoke --list`` for the tasks and ``invoke --help TASK`` for a task's
+arguments. Every argument that names a setting overrides the environment
+variable ``MLFLOW_OPS_<SETTING>``, which overrides ``invoke.yaml``.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import invoke
+from invoke import Collection, Exit
+
+from ops import config, health, sandbox
+from ops import deploy as deploying
+from ops import provision as provisioning
+from ops.console import confirm, console, reports_errors
+
+# Long names only: one-letter flags made up from many similar names confuse.
+task = functools.partial(invoke.task, auto_shortflags=False)
+
+# The arguments shared by the tasks that act on a stack.
+STACK = config.help_for("stack", "region")
+HOST = {
+    "host": config.SETTINGS["ssh"].help + " (setting: ssh)",
+    **config.help_for("ssh_user", "ssh_key"),
+}
+
+
+@task(
+    help={
+        **STACK,
+        **config.help_for(
+            "instance_type", "ami", "volume_size", "allowed_cidr", "ssh_key", "bucket", "port"
+        ),
+        "host": "wait for SSH at this address instead of the instance's: user@address[:port]",
+        "dry_run": "print the plan and change nothing",
+    }
+)
+@reports_errors
+def provision(
+    c,
+    stack=None,
+    region=None,
+    instance_type=None,
+    ami=None,
+    volume_size=None,
+    allowed_cidr=None,
+    ssh_key=None,
+    bucket=None,
+    port=None,
+    host=None,
+    dry_run=False,
+):
+    """Create the stack in AWS, or find and reuse what exists."""
+    settings = config.load(
+        c.config,
+        stack=stack,
+        region=region,
+        instance_type=instance_type,
+        ami=ami,
+        volume_size=volume_size,
+        allowed_cidr=allowed_cidr,
+        ssh_key=ssh_key,
+        bucket=bucket,
+        port=port,
+        ssh=host,
+    )
+    provisioning.provision(settings, dry_run=dry_run)
+
+
+@task(
+    help={
+        **STACK,
+        **HOST,
+        **config.help_for(
+            "mlflow_version",
+            "port",
+            "workers",
+            "bucket",
+            "artifacts_destination",
+            "ca_bundle",
+        ),
+        "dry_run": "print the steps the host needs and change nothing",
+    }
+)
+@reports_errors
+def deploy(
+    c,
+    stack=None,
+    region=None,
+    host=None,
+    ssh_user=None,
+    ssh_key=None,
+    mlflow_version=None,
+    port=None,
+    workers=None,
+    bucket=None,
+    artifacts_destination=None,
+    ca_bundle=None,
+    dry_run=False,
+):
+    """Install or update MLflow on the stack's host and start it under systemd."""
+    settings = config.load(
+        c.config,
+        stack=stack,
+        region=region,
+        ssh=host,
+        ssh_user=ssh_user,
+        ssh_key=ssh_key,
+        mlflow_version=mlflow_version,
+        port=port,
+        workers=workers,
+        bucket=bucket,
+        artifacts_destination=artifacts_destination,
+        ca_bundle=ca_bundle,
+    )
+    done = deploying.deploy(settings, dry_run=dry_run)
+    if done.dry_run:
+        console.print(f"dry run: {len(done.steps)} step(s) would change {done.target.ssh}")
+    elif done.changed:
+        console.print(f"MLflow {settings.mlflow_version} is serving at {done.target.url}")
+    else:
+        console.print(f"unchanged: MLflow {settings.mlflow_version} at {done.target.url}")
+
+
+@task(
+    help={
+        **STACK,
+        **HOST,
+        **config.help_for("mlflow_version", "port", "bucket", "artifacts_destination"),
+        "json": "print the checks as JSON instead of a table",
+    }
+)
+@reports_errors
+def status(
+    c,
+    stack=None,
+    region=None,
+    host=None,
+    ssh_user=None,
+    ssh_key=None,
+    mlflow_version=None,
+    port=None,
+    bucket=None,
+    artifacts_destination=None,
+    json_=False,
+):
+    """Check the stack end to end; exit non-zero naming what failed."""
+    settings = config.load(
+        c.config,
+        stack=stack,
+        region=region,
+        ssh=host,
+        ssh_user=ssh_user,
+        ssh_key=ssh_key,
+        mlflow_version=mlflow_version,
+        port=port,
+        bucket=bucket,
+        artifacts_destination=artifacts_destination,
+    )
+    checks = health.status(settings)
+    if json_:
+        print(json.dumps([check.as_dict() for check in checks], indent=2))
+    else:
+        health.show(checks)
+    failed = [check.name for check in checks if check.passed is not True]
+    if failed:
+        raise Exit(f"status: not healthy: {', '.join(failed)}", code=1)
+
+
+@task(
+    help={
+        **STACK,
+        "yes": "do not ask for confirmation",
+        "delete_data": "also delete the bucket with every artifact and backup in it",
+    }
+)
+@reports_errors
+def destroy(c, stack=None, region=None, yes=False, delete_data=False):
+    """Remove the stack's AWS resources, keeping the bucket unless told otherwise."""
+    settings = config.load(c.config, stack=stack, region=region)
+    kept = "and DELETE its bucket with all data" if delete_data else "keeping its bucket"
+    if not yes and not confirm(f"Destroy stack '{settings.stack}' {kept}?"):
+        raise Exit("nothing was changed", code=1)
+    provisioning.destroy(settings, delete_data=delete_data)
+
+
+@task(
+    help={
+        "run_id": "the MLflow run to rebuild",
+        "dest": "directory for the rebuilt tree (absent or empty)",
+    }
+)
+@reports_errors
+def reproduce(c, run_id, dest=None):
+    """Rebuild the exact source tree that produced a run."""
+    from ops.reproduce import reproduce as rebuild
+
+    result = rebuild(run_id, Path(dest) if dest else None)
+    console.print(result.render(), soft_wrap=True)
+    if not result.ok:
+        raise Exit(code=1)
+
+
+@task(help={"state_dir": "where the sandbox keeps its state (default: .sandbox)"})
+@reports_errors
+def sandbox_up(c, state_dir=None):
+    """Start the local sandbox: a moto server and a Debian guest under systemd-nspawn."""
+    box = sandbox.up(Path(state_dir or sandbox.DEFAULT_STATE_DIR))
+    console.print(f'sandbox ready; use it with: eval "$(invoke sandbox.env)"  ({box.machine})')
+
+
+@task(help={"state_dir": "where the sandbox keeps its state (default: .sandbox)"})
+@reports_errors
+def sandbox_down(c, state_dir=None):
+    """Stop the local sandbox and remove its guest; the cached image stays."""
+    sandbox.down(Path(state_dir or sandbox.DEFAULT_STATE_DIR))
+
+
+@task(help={"state_dir": "where the sandbox keeps its state (default: .sandbox)"})
+@reports_errors
+def sandbox_env(c, state_dir=None):
+    """Print the export lines that point every task at the sandbox."""
+    print(sandbox.env_exports(sandbox.require(Path(state_dir or sandbox.DEFAULT_STATE_DIR))))
+
+
+sandbox_tasks = Collection("sandbox")
+sandbox_tasks.add_task(sandbox_up, "up")
+sandbox_tasks.add_task(sandbox_down, "down")
+sandbox_tasks.add_task(sandbox_env, "env")
+
+ns = Collection(provision, deploy, status, destroy, reproduce, sandbox_tasks)
