@@ -23,7 +23,7 @@ from ops.config import ARTIFACT_PREFIX, Settings
 from ops.console import console
 from ops.errors import OpsError
 from ops.provision import describe
-from ops.target import Target, connect, locate
+from ops.target import Target, connect, locate, uses_aws
 
 HTTP_TIMEOUT = 10
 # Less free space than this where the database lives fails the disk check.
@@ -78,11 +78,12 @@ def status(
     """Run every check; a check whose prerequisite failed is marked skipped."""
     checks: list[Check] = []
     aws = None
-    try:
-        aws = Aws.connect(settings)
-        checks.append(_instance_check(describe(settings, aws)))
-    except OpsError as exc:
-        checks.append(_fail("instance", exc))
+    if uses_aws(settings):
+        try:
+            aws = Aws.connect(settings)
+            checks.append(_instance_check(describe(settings, aws)))
+        except OpsError as exc:
+            checks.append(_fail("instance", exc))
 
     try:
         target = locate(settings, aws)

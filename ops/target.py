@@ -8,6 +8,7 @@ an SSH connection: the host steps in ``ops.host`` know nothing of AWS, and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from fabric import Config, Connection
 
@@ -48,15 +49,19 @@ class Target:
         return tuple(f"{name}{suffix}" for name in names for suffix in ("", f":{self.port}"))
 
 
+def uses_aws(settings: Settings) -> bool:
+    """Whether the stack lives in AWS, or on a given host with its own artifact store."""
+    return settings.ssh is None or settings.artifacts_destination is None
+
+
 def locate(settings: Settings, aws: Aws | None = None) -> Target:
     """Find the stack's server: the ``ssh`` setting, else its instance in AWS.
 
     AWS is asked only for what the settings leave open: a host given with
     ``--host`` and an explicit ``artifacts_destination`` need no AWS at all.
     """
-    needs_aws = settings.ssh is None or settings.artifacts_destination is None
     state = None
-    if needs_aws:
+    if uses_aws(settings):
         aws = aws or Aws.connect(settings)
         state = describe(settings, aws)
 
@@ -112,3 +117,19 @@ def connect(settings: Settings, target: Target) -> Connection:
             "allow_agent": False,
         },
     )
+
+
+def reconnect(c: Connection) -> Callable[[Settings, Target], Connection]:
+    """A connector that opens new connections like ``c`` (for ``fab -H``)."""
+
+    def connector(settings: Settings, target: Target) -> Connection:
+        return Connection(
+            c.host, user=c.user, port=c.port, config=c.config, connect_kwargs=c.connect_kwargs
+        )
+
+    return connector
+
+
+def of_connection(c: Connection, settings: Settings) -> Settings:
+    """The settings with ``ssh`` pointing at the host of a Fabric connection."""
+    return settings.replace(ssh=f"{c.user}@{c.host}:{c.port}")
