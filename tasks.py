@@ -16,6 +16,7 @@ from ops import config, health, sandbox
 from ops import deploy as deploying
 from ops import provision as provisioning
 from ops.console import confirm, console, reports_errors
+from ops.errors import OpsError
 
 # Long names only: one-letter flags made up from many similar names confuse.
 task = functools.partial(invoke.task, auto_shortflags=False)
@@ -223,7 +224,10 @@ def sandbox_down(c, state_dir=None):
 @reports_errors
 def sandbox_env(c, state_dir=None):
     """Print the export lines that point every task at the sandbox."""
-    print(sandbox.env_exports(sandbox.require(Path(state_dir or sandbox.DEFAULT_STATE_DIR))))
+    box = sandbox.load(Path(state_dir or sandbox.DEFAULT_STATE_DIR))
+    if box is None:
+        raise OpsError("the sandbox is not up", hint="start it with `invoke sandbox.up`")
+    print(sandbox.env_exports(box))
 
 
 sandbox_tasks = Collection("sandbox")
