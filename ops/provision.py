@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import tenacity
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -52,8 +51,7 @@ from ops.config import (
 )
 from ops.console import console, note, phase
 from ops.errors import OpsError
-
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+from ops.templating import TEMPLATES, render
 
 # Debian's official images: the SSM parameter that names the newest one, and
 # the account that publishes them, for regions where the parameter is missing.
@@ -366,11 +364,8 @@ def _ec2_arch(debian_arch: str) -> str:
 
 
 def _render_policy(bucket: str) -> dict[str, Any]:
-    environment = Environment(
-        loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, autoescape=False
-    )
-    text = environment.get_template("instance-policy.json.j2").render(
-        bucket=bucket, prefixes=[ARTIFACT_PREFIX, BACKUP_PREFIX]
+    text = render(
+        "instance-policy.json.j2", bucket=bucket, prefixes=[ARTIFACT_PREFIX, BACKUP_PREFIX]
     )
     return json.loads(text)
 
