@@ -147,6 +147,12 @@ def test_the_unit_on_the_host_verifies_and_its_environment_file_is_private(stack
     assert "Restart=always" in guest(stack, "cat /etc/systemd/system/mlflow.service")
 
 
+def test_the_running_server_is_hardened_to_an_exposure_of_2_or_less(stack):
+    report = guest(stack, "sudo systemd-analyze security mlflow --no-pager")
+    exposure = float(report.rsplit("Overall exposure level for mlflow.service:", 1)[1].split()[0])
+    assert exposure <= 2.0, report
+
+
 def test_a_second_deploy_restarts_nothing_and_is_quick(stack):
     before = unit(stack)
     started = time.monotonic()
