@@ -126,7 +126,7 @@ def ssh_address(settings: Settings, public_address: str | None) -> tuple[str, st
     if not public_address:
         raise OpsError(
             f"stack {settings.stack} has no public address",
-            hint="run `invoke provision` first, or pass --ssh user@address",
+            hint="run `invoke provision` first, or pass --host user@address",
         )
     return settings.ssh_user, public_address, 22
 

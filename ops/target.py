@@ -13,9 +13,9 @@ from collections.abc import Callable
 from fabric import Config, Connection
 
 from ops.aws import Aws
-from ops.config import ARTIFACT_PREFIX, Settings, parse_host
+from ops.config import ARTIFACT_PREFIX, Settings
 from ops.errors import OpsError
-from ops.provision import describe
+from ops.provision import describe, ssh_address
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +65,12 @@ def locate(settings: Settings, aws: Aws | None = None) -> Target:
         aws = aws or Aws.connect(settings)
         state = describe(settings, aws)
 
-    if settings.ssh is not None:
-        user, address, ssh_port = parse_host(settings.ssh, settings.ssh_user)
-    elif state.instance_state == "running" and state.public_address:
-        user, address, ssh_port = settings.ssh_user, state.public_address, 22
-    else:
-        found = state.instance_state or "no instance"
+    if settings.ssh is None and state.instance_state != "running":
         raise OpsError(
-            f"stack '{settings.stack}' has no running instance ({found})",
+            f"stack '{settings.stack}' has no running instance ({state.instance_state or 'none'})",
             hint="run `invoke provision`, or give a host with --host user@address[:port]",
         )
+    user, address, ssh_port = ssh_address(settings, state.public_address if state else None)
 
     if settings.artifacts_destination is not None:
         destination, bucket = settings.artifacts_destination, None
