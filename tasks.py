@@ -12,6 +12,7 @@ from pathlib import Path
 import invoke
 from invoke import Collection, Exit
 
+from ops import backup as backups
 from ops import config, health, sandbox
 from ops import deploy as deploying
 from ops import provision as provisioning
@@ -172,6 +173,67 @@ def status(
 
 
 @task(
+    help={**STACK, **HOST, "keep": config.SETTINGS["backup_keep"].help + " (setting: backup_keep)"}
+)
+@reports_errors
+def backup(c, stack=None, region=None, host=None, ssh_user=None, ssh_key=None, keep=None):
+    """Back up the metadata store on the host, verify it and store it in the bucket."""
+    settings = config.load(
+        c.config, stack=stack, region=region, ssh=host, ssh_user=ssh_user, ssh_key=ssh_key,
+        backup_keep=keep,
+    )  # fmt: skip
+    console.print(backups.describe(backups.take(settings)), soft_wrap=True)
+
+
+@task(help={**STACK, **HOST, "json": "print the backups as JSON instead of a table"})
+@reports_errors
+def backups_(c, stack=None, region=None, host=None, ssh_user=None, ssh_key=None, json_=False):
+    """List the stored backups: time, size, MLflow version, row counts, verified."""
+    settings = config.load(
+        c.config, stack=stack, region=region, ssh=host, ssh_user=ssh_user, ssh_key=ssh_key
+    )
+    found = backups.stored(settings)
+    if json_:
+        print(json.dumps([backup.as_dict() for backup in found], indent=2))
+    else:
+        backups.show(found)
+
+
+@task(
+    help={
+        **STACK,
+        **HOST,
+        **config.help_for("mlflow_version", "port"),
+        "backup": "the backup to restore: an id from `invoke backups`, or latest (the default)",
+        "yes": "do not ask for confirmation",
+    }
+)
+@reports_errors
+def restore(
+    c,
+    stack=None,
+    region=None,
+    host=None,
+    ssh_user=None,
+    ssh_key=None,
+    mlflow_version=None,
+    port=None,
+    backup="latest",
+    yes=False,
+):
+    """Restore the metadata store from a verified backup; the server stops meanwhile."""
+    settings = config.load(
+        c.config, stack=stack, region=region, ssh=host, ssh_user=ssh_user, ssh_key=ssh_key,
+        mlflow_version=mlflow_version, port=port,
+    )  # fmt: skip
+    ask = (lambda question: True) if yes else confirm
+    done = backups.restore(settings, backup, confirm=ask)
+    console.print(
+        f"restored backup {done['id']}; the previous database is in {done['pre_restore']}"
+    )
+
+
+@task(
     help={
         **STACK,
         "yes": "do not ask for confirmation",
@@ -235,4 +297,5 @@ sandbox_tasks.add_task(sandbox_up, "up")
 sandbox_tasks.add_task(sandbox_down, "down")
 sandbox_tasks.add_task(sandbox_env, "env")
 
-ns = Collection(provision, deploy, status, destroy, reproduce, sandbox_tasks)
+ns = Collection(provision, deploy, status, backup, destroy, reproduce, restore, sandbox_tasks)
+ns.add_task(backups_, "backups")

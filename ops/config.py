@@ -122,6 +122,9 @@ SETTINGS: dict[str, Spec] = {
         optional=True,
     ),
     "server_env": Spec(_mapping, "extra environment for the server, as a JSON object"),
+    "backup_keep": Spec(_integer, "number of backups kept; older ones are pruned after a backup"),
+    "backup_schedule": Spec(_text, "when the host backs up: a systemd OnCalendar value"),
+    "backup_max_age_hours": Spec(_integer, "status fails when the newest backup is older"),
 }
 
 ARTIFACT_PREFIX = "artifacts"
@@ -148,6 +151,9 @@ class Settings:
     artifacts_destination: str | None
     ca_bundle: Path | None
     server_env: dict[str, str]
+    backup_keep: int
+    backup_schedule: str
+    backup_max_age_hours: int
 
     @property
     def tags(self) -> dict[str, str]:
@@ -244,6 +250,8 @@ def validate(settings: Settings) -> None:
         raise OpsError(f"port {settings.port} is out of range", hint="use 1-65535")
     if settings.workers < 1:
         raise OpsError("workers must be at least 1")
+    if settings.backup_keep < 1:
+        raise OpsError("backup_keep must be at least 1: the newest backup is always kept")
     if settings.ssh is not None:
         parse_host(settings.ssh, settings.ssh_user)
 

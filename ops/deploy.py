@@ -30,6 +30,8 @@ def release_for(settings: Settings, target: Target) -> host.Release:
         artifacts_destination=target.artifacts_destination,
         server_env=settings.server_env,
         ca_bundle=ca_bundle,
+        backup_keep=settings.backup_keep,
+        backup_schedule=settings.backup_schedule,
     )
 
 

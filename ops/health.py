@@ -17,6 +17,7 @@ import tenacity
 from fabric import Connection
 from rich.table import Table
 
+from ops import backup as backups
 from ops import host
 from ops.aws import Aws
 from ops.config import ARTIFACT_PREFIX, Settings
@@ -88,11 +89,12 @@ def status(
     try:
         target = locate(settings, aws)
     except OpsError as exc:
-        names = ["ssh", "unit", "health", "version", "metadata", "artifacts", "disk"]
+        names = ["ssh", "unit", "health", "version", "metadata", "artifacts", "disk", "backup"]
         return [*checks, *(Check(name, None, exc.message, exc.hint) for name in names)]
 
     checks.extend(_host_checks(settings, target, connector))
     checks.extend(_server_checks(settings, target, aws))
+    checks.append(_backup_check(settings, target, aws, connector))
     return checks
 
 
@@ -214,6 +216,29 @@ def _artifact_check(session: requests.Session, target: Target, aws: Aws | None) 
             hint="check the instance role's access to the bucket and the server's log",
         )
     return Check("artifacts", True, f"round trip through the server to {where}")
+
+
+def _backup_check(settings: Settings, target: Target, aws: Aws | None, connector) -> Check:
+    """The newest verified backup must be younger than ``backup_max_age_hours``.
+
+    A first deploy takes a backup, so a stack without any has lost its
+    backups or never finished a deploy.
+    """
+    try:
+        newest = backups.newest_good(
+            backups.stored(settings, target=target, aws=aws, connector=connector)
+        )
+    except Exception as exc:  # an unreadable store is this check's finding
+        return _fail("backup", exc, hint="check access to the bucket's backups/ prefix")
+    limit = settings.backup_max_age_hours
+    if newest is None:
+        return Check("backup", False, "no verified backup", hint="run `invoke backup`")
+    age = newest.age_hours(time.time()) or 0.0
+    detail = f"newest {newest.id}, {age:.1f} h old (limit {limit} h)"
+    if age > limit:
+        hint = f"see `sudo journalctl -u {host.BACKUP_SERVICE}` on the host; run `invoke backup`"
+        return Check("backup", False, detail, hint=hint)
+    return Check("backup", True, detail)
 
 
 def wait_until_ready(url: str, version: str, *, timeout: float = 180) -> None:

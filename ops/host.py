@@ -18,6 +18,8 @@ On the host::
     /etc/mlflow/mlflow.env         the server's environment (0600, root)
     /etc/systemd/system/mlflow.service
     /var/lib/mlflow/mlflow.db      the metadata store (SQLite, WAL mode)
+    /opt/mlflow-ops/backup.py      backup and restore (``ops/host_backup.py``)
+    /etc/systemd/system/mlflow-backup.{service,timer}   the scheduled backup
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
+from ops.config import BACKUP_PREFIX
 from ops.console import note, show_command
 from ops.errors import OpsError
 from ops.templating import render
@@ -56,6 +59,15 @@ UV_VERSION = "0.13.9"
 UV_CACHE = "/var/cache/mlflow-ops/uv"
 PACKAGES = ("python3-venv",)
 PROBE = Path(__file__).with_name("host_probe.py")
+BACKUP_SCRIPT_SOURCE = Path(__file__).with_name("host_backup.py")
+BACKUP_SCRIPT = "/opt/mlflow-ops/backup.py"
+BACKUP_SERVICE = "mlflow-backup"
+BACKUP_UNIT_PATH = f"/etc/systemd/system/{BACKUP_SERVICE}.service"
+BACKUP_TIMER_PATH = f"/etc/systemd/system/{BACKUP_SERVICE}.timer"
+BACKUP_FILES = {BACKUP_SCRIPT, BACKUP_UNIT_PATH, BACKUP_TIMER_PATH}
+UNIT_FILES = {UNIT_PATH, BACKUP_UNIT_PATH, BACKUP_TIMER_PATH}
+# Where backups go when the artifacts are not in S3: on the host's own volume.
+LOCAL_BACKUPS = f"{DATA_DIR}/backups"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +83,8 @@ class Release:
     server_env: dict[str, str]
     ca_bundle: str | None = None
     bind: str = "0.0.0.0"
+    backup_keep: int = 14
+    backup_schedule: str = "daily"
 
     @property
     def requirements(self) -> tuple[str, ...]:
@@ -85,6 +99,40 @@ class Release:
     @property
     def release_dir(self) -> str:
         return f"{RELEASES_DIR}/{self.release_name}"
+
+    @property
+    def backup_destination(self) -> str:
+        return backup_destination(self.artifacts_destination)
+
+
+def backup_destination(artifacts_destination: str) -> str:
+    """Backups go to the artifacts' bucket under ``backups/``, else beside the database."""
+    if artifacts_destination.startswith("s3://"):
+        bucket = artifacts_destination[len("s3://") :].split("/", 1)[0]
+        return f"s3://{bucket}/{BACKUP_PREFIX}"
+    return LOCAL_BACKUPS
+
+
+def backup_command(destination: str, *args: str) -> list[str]:
+    """The host script's command line, as the backup unit and the tasks run it."""
+    python = f"{CURRENT}/bin/python"
+    return [python, BACKUP_SCRIPT, *args, "--data-dir", DATA_DIR, "--destination", destination]
+
+
+def backup_properties() -> list[tuple[str, str]]:
+    """How the backup runs: as the server's user, in its environment, reaching S3 as it does."""
+    return [
+        ("User", SERVICE_USER),
+        ("Group", SERVICE_USER),
+        ("WorkingDirectory", DATA_DIR),
+        ("EnvironmentFile", ENV_PATH),
+        ("Nice", "10"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("ReadWritePaths", DATA_DIR),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +210,32 @@ def managed_files(release: Release) -> list[ManagedFile]:
     ]
     if release.ca_bundle is not None:
         files.append(ManagedFile(CA_PATH, release.ca_bundle, "0644"))
+    files += _backup_files(release)
     return files
+
+
+def _backup_files(release: Release) -> list[ManagedFile]:
+    keep = ["--keep", str(release.backup_keep)]
+    command = backup_command(release.backup_destination, "backup", *keep)
+    context = {"stack": release.stack, "service": BACKUP_SERVICE}
+    return [
+        ManagedFile(BACKUP_SCRIPT, BACKUP_SCRIPT_SOURCE.read_text(), "0644"),
+        ManagedFile(
+            BACKUP_UNIT_PATH,
+            render(
+                "mlflow-backup.service.j2",
+                **context,
+                properties=backup_properties(),
+                exec_start=command,
+            ),
+            "0644",
+        ),
+        ManagedFile(
+            BACKUP_TIMER_PATH,
+            render("mlflow-backup.timer.j2", **context, schedule=release.backup_schedule),
+            "0644",
+        ),
+    ]
 
 
 class _Input(io.StringIO):
@@ -222,8 +295,10 @@ def plan(release: Release, facts: dict) -> list[Step]:
     # Files first: the CA bundle may be needed to download anything.
     changed = [f for f in managed_files(release) if facts["files"].get(f.path) != f.sha256]
     for managed in changed:
-        steps.append(Step(f"write {managed.path}", _write_file(managed), restart=True))
-    if any(f.path == UNIT_PATH for f in changed):
+        # The backup's files are not the server's: writing them restarts nothing.
+        server_file = managed.path not in BACKUP_FILES
+        steps.append(Step(f"write {managed.path}", _write_file(managed), restart=server_file))
+    if any(f.path in UNIT_FILES for f in changed):
         steps.append(Step("reload systemd", _daemon_reload))
 
     if facts["uv"] != UV_VERSION:
@@ -244,6 +319,13 @@ def plan(release: Release, facts: dict) -> list[Step]:
         steps.append(Step(f"restart {SERVICE}", _restart))
     elif unit.get("ActiveState") != "active":
         steps.append(Step(f"start {SERVICE}", _start))
+    # A new or changed timer is (re)started; a host's first one also takes a
+    # first backup, so a fresh stack has one from the start.
+    timer_written = any(f.path in {BACKUP_UNIT_PATH, BACKUP_TIMER_PATH} for f in changed)
+    if timer_written:
+        steps.append(Step(f"enable {BACKUP_SERVICE}.timer", _enable_backup_timer))
+    if facts["files"].get(BACKUP_TIMER_PATH) is None:
+        steps.append(Step("take a first backup", _first_backup))
 
     # Keep the release that ran before this deploy, for a quick rollback.
     keep = {release.release_name, facts["current"]}
@@ -363,6 +445,16 @@ def _restart(c: Context) -> None:
 
 def _start(c: Context) -> None:
     sudo(c, ["systemctl", "start", SERVICE], echo=True)
+
+
+def _enable_backup_timer(c: Context) -> None:
+    timer = f"{BACKUP_SERVICE}.timer"
+    sudo(c, ["systemctl", "enable", "--quiet", timer], echo=True)
+    sudo(c, ["systemctl", "restart", timer])
+
+
+def _first_backup(c: Context) -> None:
+    sudo(c, ["systemctl", "start", f"{BACKUP_SERVICE}.service"], echo=True)
 
 
 def _remove_releases(names: list[str]) -> Callable[[Context], None]:

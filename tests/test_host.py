@@ -63,6 +63,9 @@ def test_a_fresh_host_gets_every_step_in_order():
         "create system user mlflow",
         f"write {host.UNIT_PATH}",
         f"write {host.ENV_PATH}",
+        f"write {host.BACKUP_SCRIPT}",
+        f"write {host.BACKUP_UNIT_PATH}",
+        f"write {host.BACKUP_TIMER_PATH}",
         "reload systemd",
         f"install uv {host.UV_VERSION}",
         "install mlflow==3.17.2 boto3",
@@ -70,7 +73,29 @@ def test_a_fresh_host_gets_every_step_in_order():
         "switch to venv-3.17.2",
         "enable mlflow",
         "restart mlflow",
+        "enable mlflow-backup.timer",
+        "take a first backup",
     ]
+
+
+def test_a_new_backup_schedule_rewrites_the_timer_and_restarts_no_server():
+    changed = host.Release(**{**RELEASE.__dict__, "backup_schedule": "hourly"})
+    assert titles(host.plan(changed, facts_of(RELEASE))) == [
+        f"write {host.BACKUP_TIMER_PATH}",
+        "reload systemd",
+        "enable mlflow-backup.timer",
+    ]
+    assert "OnCalendar=hourly" in host.managed_files(changed)[-1].content
+
+
+def test_backups_go_to_the_artifact_bucket_or_stay_on_the_host():
+    assert RELEASE.backup_destination == "s3://bucket/backups"
+    local = host.Release(**{**RELEASE.__dict__, "artifacts_destination": "/srv/artifacts"})
+    assert local.backup_destination == host.LOCAL_BACKUPS
+    unit = next(f for f in host.managed_files(RELEASE) if f.path == host.BACKUP_UNIT_PATH)
+    assert "User=mlflow" in unit.content
+    assert "EnvironmentFile=/etc/mlflow/mlflow.env" in unit.content
+    assert "--destination s3://bucket/backups" in unit.content
 
 
 def test_a_host_that_runs_the_release_needs_nothing():
@@ -188,3 +213,23 @@ def test_the_probe_reports_files_releases_and_markers_with_the_standard_library(
     assert facts["current"] == "venv-1.0"
     assert facts["uv"] is None and facts["schema"] is None
     assert facts["disk"]["path"] == str(tmp_path)
+
+
+def test_the_rendered_backup_service_and_timer_pass_systemd_analyze_verify(tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree("/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    python = root / host.CURRENT.lstrip("/") / "bin/python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    units = [f for f in host.managed_files(RELEASE) if f.path.startswith("/etc/systemd/")]
+    for unit in units:
+        (root / unit.path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / unit.path.lstrip("/")).write_text(unit.content)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", host.BACKUP_UNIT_PATH,
+         host.BACKUP_TIMER_PATH],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
