@@ -122,6 +122,7 @@ SETTINGS: dict[str, Spec] = {
         optional=True,
     ),
     "server_env": Spec(_mapping, "extra environment for the server, as a JSON object"),
+    "auth": Spec(parse_bool, "require a login (MLflow basic auth); passwords are kept in SSM"),
 }
 
 ARTIFACT_PREFIX = "artifacts"
@@ -148,6 +149,7 @@ class Settings:
     artifacts_destination: str | None
     ca_bundle: Path | None
     server_env: dict[str, str]
+    auth: bool
 
     @property
     def tags(self) -> dict[str, str]:
