@@ -32,11 +32,13 @@ demo: venv sandbox-deps
 	@set -e; eval "$$($(BIN)/invoke sandbox.env)"; \
 	$(BIN)/invoke provision; \
 	$(BIN)/invoke deploy; \
+	eval "$$($(BIN)/invoke sandbox.env)"; \
 	$(BIN)/python examples/train.py; \
 	$(BIN)/invoke status; \
 	echo; \
-	echo "MLflow is running at $$MLFLOW_TRACKING_URI (open it in a browser; no login yet)."; \
-	echo "Use it from a shell:  eval \"\$$($(BIN)/invoke sandbox.env)\""; \
+	echo "MLflow is running at $$MLFLOW_TRACKING_URI (user: $$MLFLOW_TRACKING_USERNAME)"; \
+	echo "Point a shell at it:  eval \"\$$($(BIN)/invoke sandbox.env)\""; \
+	echo "Then its password:    $(BIN)/invoke client-env"; \
 	echo "Tear it all down:     make demo-down"
 
 demo-down: venv

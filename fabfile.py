@@ -5,6 +5,8 @@ Fabric connects to (``-i KEY`` picks the key). Settings come from
 ``invoke.yaml`` and ``MLFLOW_OPS_*`` variables as for the Invoke tasks; set
 ``artifacts_destination`` to keep artifacts somewhere other than the stack's
 bucket, for example ``/var/lib/mlflow/artifacts`` on the host itself.
+Logins keep their passwords in the stack's SSM parameters, so they need AWS
+credentials too; ``MLFLOW_OPS_AUTH=false`` runs the server without them.
 """
 
 import json

@@ -13,10 +13,10 @@ import invoke
 from invoke import Collection, Exit
 
 from ops import backup as backups
-from ops import config, health, sandbox
+from ops import config, health, logins, sandbox
 from ops import deploy as deploying
 from ops import provision as provisioning
-from ops.console import confirm, console, reports_errors
+from ops.console import confirm, console, export_lines, reports_errors
 from ops.errors import OpsError
 
 # Long names only: one-letter flags made up from many similar names confuse.
@@ -289,7 +289,51 @@ def sandbox_env(c, state_dir=None):
     box = sandbox.load(Path(state_dir or sandbox.DEFAULT_STATE_DIR))
     if box is None:
         raise OpsError("the sandbox is not up", hint="start it with `invoke sandbox.up`")
-    print(sandbox.env_exports(box))
+    with sandbox.environment(box):
+        login = logins.login_if_any(config.load(c.config))
+    print(sandbox.env_exports(box, login), end="")
+
+
+@task(
+    help={
+        **STACK,
+        **HOST,
+        "port": config.SETTINGS["port"].help,
+        "user": "the login to print (default: admin); add teammates with users.add",
+    }
+)
+@reports_errors
+def client_env(c, stack=None, region=None, host=None, ssh_user=None, ssh_key=None, port=None,
+               user=logins.ADMIN_USER):  # fmt: skip
+    """Print the export lines a teammate needs to log runs to the stack."""
+    settings = config.load(c.config, stack=stack, region=region, ssh=host, ssh_user=ssh_user,
+                           ssh_key=ssh_key, port=port)  # fmt: skip
+    print(export_lines(logins.client_env_for(settings, user)), end="")
+
+
+@task(
+    help={
+        **STACK,
+        "name": "the teammate's user name",
+        "permission": "what they may do with every experiment and model: READ, EDIT or MANAGE",
+    }
+)
+@reports_errors
+def users_add(c, name, permission="EDIT", stack=None, region=None):
+    """Add a teammate's login; its password is generated and kept in SSM."""
+    settings = config.load(c.config, stack=stack, region=region)
+    logins.manage_user(settings, "add", name, permission)
+    console.print(f"added {name} ({permission.upper()}); they log in with: "
+                  f"invoke client-env --user {name}")  # fmt: skip
+
+
+@task(help={**STACK, "name": "the teammate's user name"})
+@reports_errors
+def users_remove(c, name, stack=None, region=None):
+    """Remove a teammate's login and its stored password."""
+    settings = config.load(c.config, stack=stack, region=region)
+    logins.manage_user(settings, "remove", name)
+    console.print(f"removed {name}")
 
 
 sandbox_tasks = Collection("sandbox")
@@ -297,5 +341,20 @@ sandbox_tasks.add_task(sandbox_up, "up")
 sandbox_tasks.add_task(sandbox_down, "down")
 sandbox_tasks.add_task(sandbox_env, "env")
 
-ns = Collection(provision, deploy, status, backup, destroy, reproduce, restore, sandbox_tasks)
+user_tasks = Collection("users")
+user_tasks.add_task(users_add, "add")
+user_tasks.add_task(users_remove, "remove")
+
+ns = Collection(
+    provision,
+    deploy,
+    status,
+    backup,
+    restore,
+    destroy,
+    client_env,
+    reproduce,
+    user_tasks,
+    sandbox_tasks,
+)
 ns.add_task(backups_, "backups")

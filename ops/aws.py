@@ -234,15 +234,43 @@ class Aws:
                 ],
             )["Images"]
 
-    def parameter(self, name: str) -> str | None:
+    def parameter(self, name: str, *, decrypt: bool = False) -> str | None:
         """The value of an SSM parameter, or None if there is none of that name."""
         found = self._get(
             f"reading SSM parameter {name}",
             ("ParameterNotFound",),
             self.client("ssm").get_parameter,
             Name=name,
+            WithDecryption=decrypt,
         )
         return found["Parameter"]["Value"] if found else None
+
+    def put_secret(self, name: str, value: str, tags: Mapping[str, str]) -> bool:
+        """Store a SecureString once; False when one of that name already exists."""
+        try:
+            with _calling(f"storing SSM parameter {name}"):
+                self.client("ssm").put_parameter(
+                    Name=name, Value=value, Type="SecureString", Tags=tag_list(tags)
+                )
+        except AwsError as exc:
+            if exc.code == "ParameterAlreadyExists":
+                return False
+            raise
+        return True
+
+    def parameter_names(self, path: str) -> list[str]:
+        """The names of the SSM parameters under ``path``, at any depth."""
+        with _calling(f"listing SSM parameters under {path}"):
+            pages = self.client("ssm").get_paginator("get_parameters_by_path")
+            return [
+                item["Name"]
+                for page in pages.paginate(Path=path, Recursive=True)
+                for item in page["Parameters"]
+            ]
+
+    def delete_parameter(self, name: str) -> None:
+        with _calling(f"deleting SSM parameter {name}"):
+            self.client("ssm").delete_parameter(Name=name)
 
     def default_vpc_id(self) -> str | None:
         with _calling("looking up the default VPC"):

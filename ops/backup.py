@@ -25,7 +25,7 @@ from typing import Any
 from fabric import Connection
 from rich.table import Table
 
-from ops import host
+from ops import host, logins
 from ops.aws import Aws
 from ops.config import Settings
 from ops.console import console, phase
@@ -239,7 +239,8 @@ def restore(
     from ops import health  # health imports this module to check the backups' age
 
     with phase(f"Waiting for {target.url} to answer"):
-        health.wait_until_ready(target.url, settings.mlflow_version)
+        login = logins.admin_login(settings)
+        health.wait_until_ready(target.url, settings.mlflow_version, login=login)
     return answer
 
 

@@ -125,6 +125,7 @@ SETTINGS: dict[str, Spec] = {
     "backup_keep": Spec(_integer, "number of backups kept; older ones are pruned after a backup"),
     "backup_schedule": Spec(_text, "when the host backs up: a systemd OnCalendar value"),
     "backup_max_age_hours": Spec(_integer, "status fails when the newest backup is older"),
+    "auth": Spec(parse_bool, "require a login (MLflow basic auth); passwords are kept in SSM"),
 }
 
 ARTIFACT_PREFIX = "artifacts"
@@ -154,6 +155,7 @@ class Settings:
     backup_keep: int
     backup_schedule: str
     backup_max_age_hours: int
+    auth: bool
 
     @property
     def tags(self) -> dict[str, str]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from invoke.exceptions import Exit
 from rich.console import Console
+from rich.markup import escape
 
 from ops.errors import OpsError
 
@@ -40,7 +42,7 @@ def phase(title: str) -> Iterator[None]:
     finally:
         _notes.pop()
     took = time.monotonic() - started
-    detail = f": {', '.join(outcome)}" if outcome else ""
+    detail = f": {escape(', '.join(outcome))}" if outcome else ""
     console.print(f"[green]✓[/green] {title}{detail} [dim]({took:.1f}s)[/dim]")
 
 
@@ -52,12 +54,12 @@ def note(text: str) -> None:
     if _notes:
         _notes[-1].append(text)
     else:
-        console.print(f"  {text}")
+        console.print(f"  {escape(text)}")
 
 
 def show_command(argv: str) -> None:
     """Echo a command that changes the world, before it runs."""
-    console.print(f"  [dim]$ {argv}[/dim]", soft_wrap=True)
+    console.print(f"  [dim]$ {escape(argv)}[/dim]", soft_wrap=True)
 
 
 def reports_errors(body: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,3 +91,8 @@ def confirm(question: str) -> bool:
     except EOFError:
         return False
     return answer.strip().lower() in {"y", "yes"}
+
+
+def export_lines(variables: dict[str, str]) -> str:
+    """Shell ``export`` lines, quoted, for ``eval "$(invoke ...)"``."""
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in variables.items())

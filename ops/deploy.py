@@ -7,14 +7,17 @@ from collections.abc import Callable
 
 from fabric import Connection
 
-from ops import health, host
+from ops import health, host, logins
+from ops.aws import Aws
 from ops.config import Settings
-from ops.console import console, phase
+from ops.console import console, note, phase
 from ops.errors import OpsError
-from ops.target import Target, connect, locate
+from ops.target import Target, connect, locate, uses_aws
 
 
-def release_for(settings: Settings, target: Target) -> host.Release:
+def release_for(
+    settings: Settings, target: Target, secrets: logins.ServerSecrets | None = None
+) -> host.Release:
     """What the host should run, from the settings and where it lives."""
     ca_bundle = None
     if settings.ca_bundle is not None:
@@ -32,7 +35,24 @@ def release_for(settings: Settings, target: Target) -> host.Release:
         ca_bundle=ca_bundle,
         backup_keep=settings.backup_keep,
         backup_schedule=settings.backup_schedule,
+        secrets=secrets,
     )
+
+
+def server_secrets(
+    settings: Settings, aws: Aws | None, *, dry_run: bool
+) -> logins.ServerSecrets | None:
+    """The stack's secrets for a server with logins; a dry run creates none."""
+    if not settings.auth:
+        return None
+    if aws is None:
+        raise OpsError(
+            "logins need the stack's secrets in SSM, and no AWS account is configured",
+            hint="give AWS credentials for the stack, or set auth: false",
+        )
+    if dry_run:
+        return logins.read(settings, aws) or logins.ServerSecrets("(new)", "(new)")
+    return logins.ensure(settings, aws)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +73,10 @@ def deploy(
     connector: Callable[[Settings, Target], Connection] = connect,
 ) -> Deployed:
     """Bring the stack's host to the configured release, then check it answers."""
-    target = locate(settings)
-    release = release_for(settings, target)
+    aws = Aws.connect(settings) if uses_aws(settings) else None
+    target = locate(settings, aws)
+    secrets = server_secrets(settings, aws, dry_run=dry_run)
+    release = release_for(settings, target, secrets)
     with phase(f"Reading the state of {target.ssh}"), connector(settings, target) as c:
         steps = host.plan(release, host.probe(c, release))
 
@@ -75,5 +97,10 @@ def deploy(
                 f"the {host.SERVICE} unit is {facts['unit'].get('ActiveState')}",
                 hint=f"see `sudo journalctl -u {host.SERVICE}` on the host",
             )
-        health.wait_until_ready(target.url, settings.mlflow_version)
+        admin = (logins.ADMIN_USER, secrets.admin_password) if secrets else None
+        health.wait_until_ready(target.url, settings.mlflow_version, login=admin)
+    if secrets is not None:
+        with phase("Checking MLflow's old default admin password is refused"):
+            if logins.retire_legacy_password(target.url, secrets.admin_password):
+                note("it was accepted: replaced with the stack's admin password")
     return Deployed(target, [step.title for step in steps])

@@ -18,7 +18,7 @@ from fabric import Connection
 from rich.table import Table
 
 from ops import backup as backups
-from ops import host
+from ops import host, logins
 from ops.aws import Aws
 from ops.config import ARTIFACT_PREFIX, Settings
 from ops.console import console
@@ -26,11 +26,24 @@ from ops.errors import OpsError
 from ops.provision import describe
 from ops.target import Target, connect, locate, uses_aws
 
-HTTP_TIMEOUT = 10
+HTTP_TIMEOUT = 30
 # Less free space than this where the database lives fails the disk check.
 MIN_FREE_BYTES = 1 << 30
 MIN_FREE_FRACTION = 0.10
 HEALTH_PREFIX = "mlflow-ops-health"
+# Every check, in the order status runs them.
+CHECKS = (
+    "instance",
+    "ssh",
+    "unit",
+    "disk",
+    "health",
+    "version",
+    "login",
+    "metadata",
+    "artifacts",
+    "backup",
+)
 
 
 @dataclasses.dataclass
@@ -89,7 +102,7 @@ def status(
     try:
         target = locate(settings, aws)
     except OpsError as exc:
-        names = ["ssh", "unit", "health", "version", "metadata", "artifacts", "disk", "backup"]
+        names = CHECKS[1:]
         return [*checks, *(Check(name, None, exc.message, exc.hint) for name in names)]
 
     checks.extend(_host_checks(settings, target, connector))
@@ -148,13 +161,16 @@ def _host_checks(settings: Settings, target: Target, connector) -> list[Check]:
 def _server_checks(settings: Settings, target: Target, aws: Aws | None) -> list[Check]:
     session = requests.Session()
     url = target.url
+    secrets = logins.read(settings, aws) if settings.auth and aws is not None else None
+    if secrets is not None:
+        session.auth = (logins.ADMIN_USER, secrets.admin_password)
     try:
         answer = session.get(f"{url}/health", timeout=HTTP_TIMEOUT)
         if answer.status_code != 200 or answer.text.strip() != "OK":
             raise OpsError(f"/health answered {answer.status_code}: {answer.text[:80]!r}")
     except (requests.RequestException, OpsError) as exc:
         hint = f"is port {target.port} open to you? is the unit running?"
-        names = ["version", "metadata", "artifacts"]
+        names = ["version", "login", "metadata", "artifacts"]
         return [_fail("health", exc, hint), *(Check(n, None, "needs /health") for n in names)]
     checks = [Check("health", True, f"{url}/health answered OK")]
 
@@ -171,9 +187,35 @@ def _server_checks(settings: Settings, target: Target, aws: Aws | None) -> list[
             )
         )
 
+    checks.append(_login_check(settings, url, secrets))
     checks.append(_metadata_check(session, url))
     checks.append(_artifact_check(session, target, aws))
     return checks
+
+
+def _login_check(settings: Settings, url: str, secrets: logins.ServerSecrets | None) -> Check:
+    """Without a login the API must refuse; so must MLflow's old default password."""
+    if not settings.auth:
+        # Chosen, not broken: shown, but not a failure.
+        return Check("login", True, "off (auth: false): anyone who reaches the port may write")
+    if secrets is None:
+        return Check("login", False, "the stack has no admin password in SSM",
+                     hint="run `invoke deploy`")  # fmt: skip
+    probe = f"{url}/api/2.0/mlflow/experiments/search"
+    anonymous = requests.post(probe, json={"max_results": 1}, timeout=HTTP_TIMEOUT)
+    legacy = requests.post(
+        probe,
+        json={"max_results": 1},
+        auth=(logins.ADMIN_USER, logins.LEGACY_ADMIN_PASSWORD),
+        timeout=HTTP_TIMEOUT,
+    )
+    if anonymous.status_code != 401:
+        return Check("login", False, f"a request without a login got {anonymous.status_code}",
+                     hint="run `invoke deploy` to turn logins on")  # fmt: skip
+    if legacy.status_code != 401:
+        return Check("login", False, "MLflow's old default admin password is accepted",
+                     hint="run `invoke deploy`, which replaces it")  # fmt: skip
+    return Check("login", True, "requests without a login and the old default password get 401")
 
 
 def _metadata_check(session: requests.Session, url: str) -> Check:
@@ -241,16 +283,20 @@ def _backup_check(settings: Settings, target: Target, aws: Aws | None, connector
     return Check("backup", True, detail)
 
 
-def wait_until_ready(url: str, version: str, *, timeout: float = 180) -> None:
+def wait_until_ready(
+    url: str, version: str, *, login: tuple[str, str] | None = None, timeout: float = 180
+) -> None:
     """Wait until the server at ``url`` answers ``/health`` and runs ``version``."""
 
     def ready() -> None:
         answer = requests.get(f"{url}/health", timeout=HTTP_TIMEOUT)
         if answer.status_code != 200:
             raise OpsError(f"/health answered {answer.status_code}")
-        running = requests.get(f"{url}/version", timeout=HTTP_TIMEOUT).text.strip()
-        if running != version:
-            raise OpsError(f"the server runs {running}, not {version}")
+        running = requests.get(f"{url}/version", auth=login, timeout=HTTP_TIMEOUT)
+        if running.status_code == 401:
+            raise OpsError("/version refused the admin login")
+        if running.text.strip() != version:
+            raise OpsError(f"the server runs {running.text.strip()}, not {version}")
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(timeout),

@@ -38,6 +38,7 @@ from invoke.exceptions import UnexpectedExit
 from ops.config import BACKUP_PREFIX
 from ops.console import note, show_command
 from ops.errors import OpsError
+from ops.logins import ADMIN_USER, ServerSecrets
 from ops.templating import render
 
 SERVICE = "mlflow"
@@ -45,9 +46,12 @@ SERVICE_USER = "mlflow"
 UNIT_PATH = "/etc/systemd/system/mlflow.service"
 CONFIG_DIR = "/etc/mlflow"
 ENV_PATH = f"{CONFIG_DIR}/mlflow.env"
+AUTH_CONFIG_PATH = f"{CONFIG_DIR}/basic_auth.ini"
 CA_PATH = f"{CONFIG_DIR}/ca-bundle.pem"
 DATA_DIR = "/var/lib/mlflow"
 DB_PATH = f"{DATA_DIR}/mlflow.db"
+AUTH_DB_PATH = f"{DATA_DIR}/basic_auth.db"
+AUTH_CACHE_SECONDS = 30
 BACKEND_URI = f"sqlite:///{DB_PATH}"
 SCHEMA_MARKER = f"{DATA_DIR}/.mlflow-ops-schema"
 RELEASES_DIR = "/opt/mlflow"
@@ -85,12 +89,19 @@ class Release:
     bind: str = "0.0.0.0"
     backup_keep: int = 14
     backup_schedule: str = "daily"
+    # With secrets, the server requires a login (MLflow's basic auth).
+    secrets: ServerSecrets | None = None
+
+    @property
+    def auth(self) -> bool:
+        return self.secrets is not None
 
     @property
     def requirements(self) -> tuple[str, ...]:
         # boto3 lets the server proxy artifacts to S3; MLflow does not
         # depend on it by itself.
-        return (f"mlflow=={self.mlflow_version}", "boto3")
+        mlflow = "mlflow[auth]" if self.auth else "mlflow"
+        return (f"{mlflow}=={self.mlflow_version}", "boto3")
 
     @property
     def release_name(self) -> str:
@@ -176,6 +187,7 @@ def server_command(release: Release) -> list[str]:
         str(release.workers),
         "--allowed-hosts",
         ",".join(release.allowed_hosts),
+        *(["--app-name", "basic-auth"] if release.auth else []),
     ]
 
 
@@ -184,6 +196,12 @@ def managed_files(release: Release) -> list[ManagedFile]:
     environment = dict(release.server_env)
     if release.ca_bundle is not None:
         environment.setdefault("AWS_CA_BUNDLE", CA_PATH)
+    if release.secrets is not None:
+        environment.update(
+            MLFLOW_AUTH_CONFIG_PATH=AUTH_CONFIG_PATH,
+            MLFLOW_AUTH_ADMIN_PASSWORD=release.secrets.admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=release.secrets.secret_key,
+        )
     files = [
         ManagedFile(
             UNIT_PATH,
@@ -211,6 +229,15 @@ def managed_files(release: Release) -> list[ManagedFile]:
     if release.ca_bundle is not None:
         files.append(ManagedFile(CA_PATH, release.ca_bundle, "0644"))
     files += _backup_files(release)
+    if release.auth:
+        auth_config = render(
+            "basic_auth.ini.j2",
+            stack=release.stack,
+            database=AUTH_DB_PATH,
+            admin=ADMIN_USER,
+            cache_seconds=AUTH_CACHE_SECONDS,
+        )
+        files.append(ManagedFile(AUTH_CONFIG_PATH, auth_config, "0644"))
     return files
 
 

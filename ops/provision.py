@@ -39,6 +39,7 @@ import tenacity
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ops import logins
 from ops.aws import Aws, AwsError, tag_dict
 from ops.config import (
     ARTIFACT_PREFIX,
@@ -67,6 +68,7 @@ SECURITY_GROUP = "security group"
 KEY_PAIR = "key pair"
 INSTANCE = "instance"
 ADDRESS = "Elastic IP"
+SECRETS = "secrets in SSM"
 RESOURCES = (BUCKET, ROLE, PROFILE, SECURITY_GROUP, KEY_PAIR, INSTANCE, ADDRESS)
 
 # Actions a plan proposes, and what was done.
@@ -1042,6 +1044,9 @@ def destroy(
     with phase(BUCKET):
         outcomes.append(_destroy_bucket(aws, settings, names, delete_data))
         note(outcomes[-1].action)
+    with phase(SECRETS):
+        outcomes.append(_destroy_secrets(aws, settings, delete_data))
+        note(outcomes[-1].action)
 
     result = Result(stack=settings.stack, region=aws.region, outcomes=tuple(outcomes))
     if not result.of(REMOVED):
@@ -1131,6 +1136,17 @@ def _destroy_iam(aws: Aws, names: Names) -> list[Outcome]:
     aws.delete_role(names.role)
     outcomes.append(Outcome(ROLE, names.role, REMOVED, "with its policy"))
     return outcomes
+
+
+def _destroy_secrets(aws: Aws, settings: Settings, delete_data: bool) -> Outcome:
+    # The logins go with the data: a kept bucket's backups hold an auth
+    # database whose passwords are these.
+    where = logins.path(settings)
+    if not delete_data:
+        found = aws.parameter_names(where)
+        return Outcome(SECRETS, where, KEPT if found else ABSENT, "kept with the data")
+    removed = logins.forget_all(settings, aws)
+    return Outcome(SECRETS, where, REMOVED if removed else ABSENT)
 
 
 def _destroy_bucket(aws: Aws, settings: Settings, names: Names, delete_data: bool) -> Outcome:

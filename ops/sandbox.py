@@ -60,7 +60,7 @@ import boto3
 import botocore.session
 import tenacity
 
-from ops.console import note, phase
+from ops.console import export_lines, note, phase
 from ops.errors import OpsError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,11 +262,24 @@ def env_vars(sandbox: Sandbox) -> dict[str, str]:
 UNSET_VARS = ("AWS_PROFILE", "AWS_SESSION_TOKEN")
 
 
-def env_exports(sandbox: Sandbox) -> str:
+def env_exports(sandbox: Sandbox, logins: dict[str, str] | None = None) -> str:
     """Shell lines for ``eval "$(invoke sandbox.env)"``: unset, then export."""
-    lines = [f"unset {' '.join(UNSET_VARS)}"]
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in env_vars(sandbox).items()]
-    return "\n".join(lines) + "\n"
+    variables = {**env_vars(sandbox), **(logins or {})}
+    return f"unset {' '.join(UNSET_VARS)}\n" + export_lines(variables)
+
+
+@contextlib.contextmanager
+def environment(sandbox: Sandbox) -> Iterator[None]:
+    """Point this process at the sandbox while the block runs, as ``eval`` would."""
+    saved = dict(os.environ)
+    for name in UNSET_VARS:
+        os.environ.pop(name, None)
+    os.environ.update(env_vars(sandbox))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def check_host(which: Callable[[str], str | None] = shutil.which) -> None:

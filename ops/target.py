@@ -50,8 +50,8 @@ class Target:
 
 
 def uses_aws(settings: Settings) -> bool:
-    """Whether the stack lives in AWS, or on a given host with its own artifact store."""
-    return settings.ssh is None or settings.artifacts_destination is None
+    """Whether the stack needs AWS: for its instance, its bucket or its secrets."""
+    return settings.ssh is None or settings.artifacts_destination is None or settings.auth
 
 
 def locate(settings: Settings, aws: Aws | None = None) -> Target:

@@ -17,7 +17,15 @@ import time
 import pytest
 import requests
 
-from tests.test_e2e import guest, invoke, moto_s3, seconds_until_healthy, status
+from tests.test_e2e import (
+    exported,
+    guest,
+    invoke,
+    login,
+    moto_s3,
+    seconds_until_healthy,
+    status,
+)
 
 DB = "/var/lib/mlflow/mlflow.db"
 # Read the guest's database with its own Python: one value per line.
@@ -27,10 +35,10 @@ INTEGRITY = "PRAGMA integrity_check"
 
 @pytest.fixture(scope="module")
 def stack(sandbox_env: dict[str, str]) -> dict[str, str]:
-    """A provisioned and deployed stack in the sandbox; its environment."""
+    """A provisioned and deployed stack in the sandbox; its environment, with the admin login."""
     invoke(sandbox_env, "provision")
     invoke(sandbox_env, "deploy")
-    return sandbox_env
+    return {**sandbox_env, **exported(invoke(sandbox_env, "client-env").stdout)}
 
 
 def stored(env: dict[str, str]) -> list[dict]:
@@ -52,9 +60,10 @@ def bucket_of(env: dict[str, str]) -> str:
 class Client:
     """A teammate logging runs over the REST API, as MLflow's client does."""
 
-    def __init__(self, url: str):
-        self.url = f"{url}/api/2.0/mlflow"
+    def __init__(self, env: dict[str, str]):
+        self.url = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
         self.session = requests.Session()
+        self.session.auth = login(env)
 
     def call(self, endpoint: str, body: dict) -> dict:
         answer = self.session.post(f"{self.url}/{endpoint}", json=body, timeout=30)
@@ -107,13 +116,12 @@ def test_deploy_installs_the_timer_and_takes_a_first_verified_backup(stack):
 
 
 def test_a_backup_under_load_restores_every_run_committed_before_it_and_none_after(stack):
-    url = stack["MLFLOW_TRACKING_URI"]
     committed: list[tuple[float, str]] = []  # (when the server confirmed it, run id)
     stop = threading.Event()
     errors: list[Exception] = []
 
     def keep_logging(number: int) -> None:
-        client = Client(url)
+        client = Client(stack)
         while not stop.is_set():
             try:
                 run_id = client.log_run(f"client-{number}")
@@ -140,10 +148,10 @@ def test_a_backup_under_load_restores_every_run_committed_before_it_and_none_aft
     before = {run_id for at, run_id in committed if at < began}
     assert len(before) >= 12, "the clients logged too little to prove anything"
 
-    after = {Client(url).log_run("after the backup") for _ in range(3)}
+    after = {Client(stack).log_run("after the backup") for _ in range(3)}
     invoke(stack, "restore", "--backup", backup_id, "--yes")
 
-    runs = Client(url).runs()
+    runs = Client(stack).runs()
     assert before <= set(runs)
     assert not after & set(runs)
     for run_id in before:
@@ -224,9 +232,8 @@ def test_restore_refuses_a_bad_backup_and_leaves_the_live_database_untouched(
 
 
 def test_restore_ignores_stale_wal_and_shm_files_beside_the_database(stack):
-    url = stack["MLFLOW_TRACKING_URI"]
     backup_id = backup(stack)
-    runs = set(Client(url).runs())
+    runs = set(Client(stack).runs())
 
     # A WAL left by a writer that died, holding a commit the backup never saw.
     ghost = (
@@ -239,7 +246,7 @@ def test_restore_ignores_stale_wal_and_shm_files_beside_the_database(stack):
     assert guest(stack, f"sudo ls {DB}-wal {DB}-shm").split() == [f"{DB}-shm", f"{DB}-wal"]
 
     invoke(stack, "restore", "--backup", backup_id, "--yes")
-    assert set(Client(url).runs()) == runs
+    assert set(Client(stack).runs()) == runs
     tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
     found = guest(stack, f"sudo python3 -c {shlex.quote(QUERY.format(DB, tables))}")
     assert "ghost" not in found

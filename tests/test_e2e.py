@@ -10,6 +10,7 @@ look at the result, disturb it, and watch it recover.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -20,9 +21,10 @@ import pytest
 import requests
 from fabric import Config, Connection
 
+from ops import health
+
 ROOT = Path(__file__).resolve().parent.parent
-CHECKS = ["instance", "ssh", "unit", "disk", "health", "version", "metadata", "artifacts",
-          "backup"]  # fmt: skip
+CHECKS = list(health.CHECKS)
 
 
 def invoke(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,12 +92,22 @@ def status(env: dict[str, str]) -> tuple[int, dict[str, dict]]:
     return done.returncode, {check["name"]: check for check in json.loads(done.stdout)}
 
 
+def exported(output: str) -> dict[str, str]:
+    """The variables of ``export NAME=VALUE`` lines, as a shell would read them."""
+    pairs = (shlex.split(line)[1].split("=", 1) for line in output.splitlines())
+    return dict(pairs)
+
+
+def login(env: dict[str, str]) -> tuple[str, str]:
+    return env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+
+
 @pytest.fixture(scope="module")
 def stack(sandbox_env: dict[str, str]) -> dict[str, str]:
-    """A provisioned and deployed stack in the sandbox; its environment."""
+    """A provisioned and deployed stack in the sandbox; its environment, with the admin login."""
     invoke(sandbox_env, "provision")
     invoke(sandbox_env, "deploy")
-    return sandbox_env
+    return {**sandbox_env, **exported(invoke(sandbox_env, "client-env").stdout)}
 
 
 def test_status_passes_every_check_after_provision_and_deploy(stack):
@@ -135,10 +147,62 @@ def test_a_client_without_aws_credentials_logs_an_artifact_that_lands_in_the_buc
     metric = requests.get(
         f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/runs/get",
         params={"run_id": run_id},
-        timeout=10,
+        auth=login(stack),
+        timeout=30,
     ).json()["run"]["data"]["metrics"]
     assert metric == [{"key": "loss", "value": 0.25, "timestamp": metric[0]["timestamp"],
                        "step": 0}]  # fmt: skip
+
+
+def test_the_api_refuses_requests_without_a_login_and_with_the_old_default(stack):
+    search = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
+    body = {"max_results": 1}
+    assert requests.post(search, json=body, timeout=30).status_code == 401
+    old_default = ("admin", "password1234")
+    assert requests.post(search, json=body, auth=old_default, timeout=30).status_code == 401
+    assert requests.post(search, json=body, auth=login(stack), timeout=30).status_code == 200
+
+
+def test_the_admin_password_reaches_the_host_only_in_the_private_environment_file(stack):
+    password = stack["MLFLOW_TRACKING_PASSWORD"]
+    assert len(password) >= 24
+    assert password in guest(stack, "sudo cat /etc/mlflow/mlflow.env")
+    assert password not in guest(stack, "ps -eo args")  # on no command line
+    assert password not in guest(stack, "sudo journalctl --no-pager")
+
+
+def test_sandbox_env_gives_the_login_once_the_server_has_one(stack, sandbox):
+    lines = exported(invoke(stack, "sandbox.env", "--state-dir", str(sandbox.state_dir)).stdout)
+    assert login(lines) == login(stack)
+
+
+def test_a_teammate_logs_runs_with_only_what_client_env_prints_until_removed(stack):
+    invoke(stack, "users.add", "ada", "--permission", "EDIT")
+    try:
+        teammate = {k: v for k, v in stack.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+        teammate.update(exported(invoke(stack, "client-env", "--user", "ada").stdout))
+        assert teammate["MLFLOW_TRACKING_USERNAME"] == "ada"
+        script = "import mlflow\nwith mlflow.start_run():\n    mlflow.log_param('who', 'ada')\n"
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=teammate, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+
+        again = invoke(stack, "users.add", "ada", check=False)
+        assert again.returncode == 1
+        assert "already exists" in again.stderr
+        unchanged = exported(invoke(stack, "client-env", "--user", "ada").stdout)
+        assert login(unchanged) == login(teammate)
+    finally:
+        invoke(stack, "users.remove", "ada")
+
+    # Each worker may remember a checked password for half a minute.
+    deadline = time.monotonic() + 45
+    url = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
+    while requests.post(url, json={}, auth=login(teammate), timeout=30).status_code != 401:
+        assert time.monotonic() < deadline, "a removed user could still log in"
+        time.sleep(1)
+    assert invoke(stack, "client-env", "--user", "ada", check=False).returncode == 1
 
 
 def test_the_unit_on_the_host_verifies_and_its_environment_file_is_private(stack):

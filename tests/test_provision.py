@@ -32,7 +32,7 @@ import boto3
 import pytest
 import yaml
 
-from ops import provision
+from ops import logins, provision
 from ops.aws import Aws, AwsError
 from ops.config import PROJECT_CONFIG, STACK_TAG, Settings, resolve
 from ops.errors import OpsError
@@ -627,16 +627,19 @@ def test_a_named_bucket_is_used_and_named_so(make_settings):
 # destroy
 
 
-def test_destroy_removes_everything_but_the_bucket_and_says_it_kept_it(make_settings, capsys):
+def test_destroy_removes_everything_but_the_data_and_says_it_kept_it(make_settings, capsys):
     settings = make_settings()
     run(settings)
+    logins.ensure(settings, Aws.connect(settings))  # as the first deploy does
 
     result = provision.destroy(settings, sleep=Sleeps())
 
     assert {o.resource: o.action for o in result.outcomes} == {
         **dict.fromkeys(provision.RESOURCES, provision.REMOVED),
         provision.BUCKET: provision.KEPT,
+        provision.SECRETS: provision.KEPT,
     }
+    assert logins.read(settings, Aws.connect(settings)) is not None
     assert "kept" in capsys.readouterr().out
     ec2, iam = client("ec2"), client("iam")
     assert live_instances() == []
@@ -666,7 +669,7 @@ def test_destroy_waits_for_a_security_group_still_held_by_the_old_instance(make_
     assert stack_groups() == []
 
 
-def test_destroy_with_delete_data_removes_the_bucket_and_every_version(make_settings):
+def test_destroy_with_delete_data_removes_the_bucket_every_version_and_the_secrets(make_settings):
     settings = make_settings()
     run(settings)
     s3, bucket = client("s3"), "mlflow-ops-test-123456789012-us-east-1"
@@ -675,11 +678,16 @@ def test_destroy_with_delete_data_removes_the_bucket_and_every_version(make_sett
     s3.put_object(Bucket=bucket, Key="backups/mlflow.db", Body=b"db")
     s3.delete_object(Bucket=bucket, Key="artifacts/1/model.pkl")
 
+    logins.ensure(settings, Aws.connect(settings))
+
     result = provision.destroy(settings, delete_data=True, sleep=Sleeps())
 
     assert result.action(provision.BUCKET) == provision.REMOVED
-    assert "4 object versions" in result.outcomes[-1].detail
+    bucket_outcome = next(o for o in result.outcomes if o.resource == provision.BUCKET)
+    assert "4 object versions" in bucket_outcome.detail
     assert s3.list_buckets()["Buckets"] == []
+    assert result.action(provision.SECRETS) == provision.REMOVED
+    assert logins.read(settings, Aws.connect(settings)) is None
 
 
 def test_destroy_twice_is_fine_and_says_there_is_nothing_left(make_settings, capsys):

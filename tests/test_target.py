@@ -14,7 +14,7 @@ def settings(**args):
     return config.resolve(DEFAULTS, env={}, args=args)
 
 
-def test_a_given_host_with_its_own_artifact_store_needs_no_aws(monkeypatch):
+def test_a_given_host_with_its_own_artifact_store_and_no_logins_needs_no_aws(monkeypatch):
     # With no credentials anywhere, any AWS call would fail this test.
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
@@ -22,7 +22,11 @@ def test_a_given_host_with_its_own_artifact_store_needs_no_aws(monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     target = locate(
-        settings(ssh="deploy@10.1.2.3:2222", artifacts_destination="/var/lib/mlflow/artifacts")
+        settings(
+            ssh="deploy@10.1.2.3:2222",
+            artifacts_destination="/var/lib/mlflow/artifacts",
+            auth=False,
+        )
     )
     assert (target.ssh_user, target.ssh_host, target.ssh_port) == ("deploy", "10.1.2.3", 2222)
     assert target.url == "http://10.1.2.3:5000"
