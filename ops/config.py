@@ -95,7 +95,7 @@ SETTINGS: dict[str, Spec] = {
     "volume_size": Spec(_integer, "size of the root volume in GiB"),
     "allowed_cidr": Spec(
         _text,
-        "address range allowed to reach SSH and MLflow, e.g. 203.0.113.7/32",
+        "address range allowed to reach SSH and HTTPS, e.g. 203.0.113.7/32",
         optional=True,
     ),
     "ssh_user": Spec(_text, "SSH user with sudo on the host"),
@@ -106,7 +106,15 @@ SETTINGS: dict[str, Spec] = {
         optional=True,
     ),
     "mlflow_version": Spec(_text, "MLflow version to install on the host"),
-    "port": Spec(_integer, "port the MLflow server listens on"),
+    "port": Spec(_integer, "port MLflow listens on, on the host's loopback only"),
+    "https_port": Spec(_integer, "port nginx serves MLflow on over TLS"),
+    "tls_cert": Spec(
+        _path,
+        "TLS certificate (PEM, with its chain) for nginx (default: a self-signed one)",
+        optional=True,
+    ),
+    "tls_key": Spec(_path, "private key (PEM) of tls_cert", optional=True),
+    "private": Spec(parse_bool, "open only SSH: reach the server with `invoke tunnel`"),
     "workers": Spec(_integer, "number of MLflow server worker processes"),
     "bucket": Spec(
         _text, "artifact bucket (default: mlflow-ops-STACK-ACCOUNT-REGION)", optional=True
@@ -147,6 +155,10 @@ class Settings:
     ssh: str | None
     mlflow_version: str
     port: int
+    https_port: int
+    tls_cert: Path | None
+    tls_key: Path | None
+    private: bool
     workers: int
     bucket: str | None
     artifacts_destination: str | None
@@ -248,8 +260,19 @@ def validate(settings: Settings) -> None:
         check_cidr(settings.allowed_cidr)
     if settings.bucket is not None:
         check_bucket_name(settings.bucket)
-    if not 1 <= settings.port <= 65535:
-        raise OpsError(f"port {settings.port} is out of range", hint="use 1-65535")
+    for name in ("port", "https_port"):
+        if not 1 <= getattr(settings, name) <= 65535:
+            raise OpsError(f"{name} {getattr(settings, name)} is out of range", hint="use 1-65535")
+    if settings.port == settings.https_port:
+        raise OpsError(
+            f"port and https_port are both {settings.port}",
+            hint="MLflow listens on loopback behind nginx: give them different ports",
+        )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise OpsError(
+            "tls_cert and tls_key go together",
+            hint="give both, or neither for a self-signed certificate",
+        )
     if settings.workers < 1:
         raise OpsError("workers must be at least 1")
     if settings.backup_keep < 1:

@@ -304,7 +304,7 @@ def read_public_key(private_key: Path) -> str:
 def _allowed_cidr(settings: Settings) -> tuple[str, list[str]]:
     if settings.allowed_cidr is None:
         raise OpsError(
-            "provision needs the address range allowed to reach SSH and MLflow",
+            "provision needs the address range allowed to reach SSH and HTTPS",
             hint="pass --allowed-cidr YOUR.ADDRESS/32 (your address: `curl -s "
             "https://checkip.amazonaws.com`); 0.0.0.0/0 opens the server to the world",
         )
@@ -312,7 +312,7 @@ def _allowed_cidr(settings: Settings) -> tuple[str, list[str]]:
     warnings = []
     if cidr in _WORLD:
         warnings.append(
-            f"--allowed-cidr {cidr} opens SSH and MLflow (port {settings.port}) to the whole "
+            f"--allowed-cidr {cidr} opens {_ports_text(open_ports(settings))} to the whole "
             "internet; prefer your own address/32"
         )
     return cidr, warnings
@@ -462,10 +462,24 @@ def _current_rules(group: dict[str, Any]) -> dict[Rule, dict[str, Any]]:
     return rules
 
 
-def _wanted_rules(cidr: str, port: int) -> dict[Rule, dict[str, Any]]:
+def open_ports(settings: Settings) -> tuple[tuple[int, str], ...]:
+    """The ports the security group opens: SSH, and nginx's HTTPS unless the stack is private.
+
+    MLflow's own port is never opened: it listens on the host's loopback.
+    """
+    if settings.private:
+        return ((22, "SSH"),)
+    return ((22, "SSH"), (settings.https_port, "HTTPS"))
+
+
+def _ports_text(ports: tuple[tuple[int, str], ...]) -> str:
+    return " and ".join(f"{label} ({number})" for number, label in ports)
+
+
+def _wanted_rules(cidr: str, ports: tuple[tuple[int, str], ...]) -> dict[Rule, dict[str, Any]]:
     field, source = ("Ipv6Ranges", "CidrIpv6") if ":" in cidr else ("IpRanges", "CidrIp")
     rules: dict[Rule, dict[str, Any]] = {}
-    for number, label in ((22, "SSH"), (port, "MLflow")):
+    for number, label in ports:
         rules[("tcp", number, number, cidr)] = {
             "IpProtocol": "tcp",
             "FromPort": number,
@@ -483,10 +497,12 @@ def _rule_text(rule: Rule) -> str:
     return f"{protocol} {ports} from {source}"
 
 
-def _rule_changes(group: dict[str, Any] | None, cidr: str, port: int) -> tuple[list, list]:
+def _rule_changes(
+    group: dict[str, Any] | None, cidr: str, ports: tuple[tuple[int, str], ...]
+) -> tuple[list, list]:
     """Rules to revoke and rules to authorize so that the group opens only what is wanted."""
     current = _current_rules(group) if group else {}
-    wanted = _wanted_rules(cidr, port)
+    wanted = _wanted_rules(cidr, ports)
     extra = [(rule, current[rule]) for rule in current if rule not in wanted]
     missing = [(rule, wanted[rule]) for rule in wanted if rule not in current]
     return extra, missing
@@ -523,8 +539,11 @@ def plan(settings: Settings, aws: Aws) -> Plan:
     """Check every input and compare the stack with AWS; reads only, creates nothing."""
     with phase(f"checking the inputs of stack {settings.stack}"):
         cidr, warnings = _allowed_cidr(settings)
-        if settings.port == 22:
-            raise OpsError("MLflow cannot listen on port 22: sshd uses it", hint="use --port 5000")
+        if 22 in (settings.port, settings.https_port):
+            raise OpsError(
+                "neither MLflow nor nginx can listen on port 22: sshd uses it",
+                hint="use --port 5000 and --https-port 443",
+            )
         public_key = read_public_key(settings.ssh_key)
         names = stack_names(settings, aws.account_id, aws.region)
         check_bucket_name(names.bucket)
@@ -545,7 +564,7 @@ def plan(settings: Settings, aws: Aws) -> Plan:
         steps = (
             _plan_bucket(aws, settings, names),
             *_plan_iam(aws, names, policy),
-            _plan_security_group(aws, names, vpc_id, cidr, settings.port),
+            _plan_security_group(aws, names, vpc_id, cidr, open_ports(settings)),
             _plan_key_pair(aws, names, public_key),
             *_plan_instance(aws, settings, image),
         )
@@ -592,16 +611,19 @@ def _plan_iam(aws: Aws, names: Names, policy: dict[str, Any]) -> tuple[Step, Ste
     return role, Step(PROFILE, names.profile, UNCHANGED, f"exists, holds role {names.role}")
 
 
-def _plan_security_group(aws: Aws, names: Names, vpc_id: str, cidr: str, port: int) -> Step:
+def _plan_security_group(
+    aws: Aws, names: Names, vpc_id: str, cidr: str, ports: tuple[tuple[int, str], ...]
+) -> Step:
     group = _find_security_group(aws, names, vpc_id)
-    extra, missing = _rule_changes(group, cidr, port)
+    extra, missing = _rule_changes(group, cidr, ports)
+    opened = f"{_ports_text(ports)} from {cidr}"
     if group is None:
-        return Step(SECURITY_GROUP, names.security_group, CREATE, f"22 and {port} from {cidr}")
+        return Step(SECURITY_GROUP, names.security_group, CREATE, opened)
     if extra or missing:
         changes = [f"close {_rule_text(r)}" for r, _ in extra]
         changes += [f"open {_rule_text(r)}" for r, _ in missing]
         return Step(SECURITY_GROUP, group["GroupId"], UPDATE, "; ".join(changes))
-    return Step(SECURITY_GROUP, group["GroupId"], UNCHANGED, f"22 and {port} from {cidr}")
+    return Step(SECURITY_GROUP, group["GroupId"], UNCHANGED, opened)
 
 
 def _plan_key_pair(aws: Aws, names: Names, public_key: str) -> Step:
@@ -773,24 +795,26 @@ def _apply_security_group(plan: Plan, aws: Aws) -> Outcome:
     if group is None:
         group_id = aws.create_security_group(
             names.security_group,
-            f"mlflow-ops stack {settings.stack}: SSH and MLflow from the allowed range",
+            f"mlflow-ops stack {settings.stack}: SSH and HTTPS from the allowed range",
             plan.vpc_id,
             _ec2_tags(settings),
         )
     else:
         group_id = group["GroupId"]
-    extra, missing = _rule_changes(group, cidr, settings.port)
+    ports = open_ports(settings)
+    opened = f"{_ports_text(ports)} from {cidr}"
+    extra, missing = _rule_changes(group, cidr, ports)
     if extra:
         aws.revoke_ingress(group_id, [permission for _, permission in extra])
     if missing:
         aws.authorize_ingress(group_id, [permission for _, permission in missing])
     if created:
-        return Outcome(SECURITY_GROUP, group_id, CREATED, f"22 and {settings.port} from {cidr}")
+        return Outcome(SECURITY_GROUP, group_id, CREATED, opened)
     if extra or missing:
         changes = [f"closed {_rule_text(r)}" for r, _ in extra]
         changes += [f"opened {_rule_text(r)}" for r, _ in missing]
         return Outcome(SECURITY_GROUP, group_id, UPDATED, "; ".join(changes))
-    return Outcome(SECURITY_GROUP, group_id, UNCHANGED, f"22 and {settings.port} from {cidr}")
+    return Outcome(SECURITY_GROUP, group_id, UNCHANGED, opened)
 
 
 def _apply_key_pair(plan: Plan, aws: Aws) -> Outcome:

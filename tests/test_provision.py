@@ -177,8 +177,8 @@ def test_instance_role_may_only_touch_the_artifact_and_backup_prefixes(make_sett
     assert [r["RoleName"] for r in profile["Roles"]] == [role]
 
 
-def test_security_group_opens_ssh_and_mlflow_only_to_the_allowed_cidr(make_settings):
-    run(make_settings(port=5005))
+def test_security_group_opens_ssh_and_https_only_to_the_allowed_cidr(make_settings):
+    run(make_settings(port=5005, https_port=8443))
 
     (group,) = stack_groups()
     opened = {
@@ -186,7 +186,7 @@ def test_security_group_opens_ssh_and_mlflow_only_to_the_allowed_cidr(make_setti
         for rule in group["IpPermissions"]
         for r in rule["IpRanges"]
     }
-    assert opened == {("tcp", 22, 22, CIDR), ("tcp", 5005, 5005, CIDR)}
+    assert opened == {("tcp", 22, 22, CIDR), ("tcp", 8443, 8443, CIDR)}  # never MLflow's 5005
     assert all(rule["Ipv6Ranges"] == [] for rule in group["IpPermissions"])
     assert "0.0.0.0/0" not in json.dumps(group["IpPermissions"])
     assert tags(group["Tags"])[STACK_TAG] == "test"
@@ -359,7 +359,7 @@ def test_instance_profile_not_yet_visible_to_ec2_is_retried(make_settings):
 
 def test_changed_cidr_or_port_rewrites_the_rules_and_says_so(make_settings, capsys):
     run(make_settings())
-    result = run(make_settings(allowed_cidr="198.51.100.0/24", port=8080))
+    result = run(make_settings(allowed_cidr="198.51.100.0/24", https_port=8080))
 
     (outcome,) = [o for o in result.outcomes if o.resource == provision.SECURITY_GROUP]
     assert outcome.action == provision.UPDATED
@@ -371,6 +371,17 @@ def test_changed_cidr_or_port_rewrites_the_rules_and_says_so(make_settings, caps
     }
     assert opened == {(22, "198.51.100.0/24"), (8080, "198.51.100.0/24")}
     assert "update" in capsys.readouterr().out
+
+
+def test_a_private_stack_opens_only_ssh_and_closes_https_when_made_private(make_settings):
+    run(make_settings())
+    result = run(make_settings(private=True))
+
+    (outcome,) = [o for o in result.outcomes if o.resource == provision.SECURITY_GROUP]
+    assert outcome.action == provision.UPDATED
+    assert outcome.detail == f"closed tcp 443 from {CIDR}"
+    (group,) = stack_groups()
+    assert [rule["FromPort"] for rule in group["IpPermissions"]] == [22]
 
 
 def test_two_stacks_side_by_side_do_not_see_each_other(make_settings):
