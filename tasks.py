@@ -16,6 +16,7 @@ from ops import backup as backups
 from ops import config, health, logins, sandbox
 from ops import deploy as deploying
 from ops import provision as provisioning
+from ops import tunnel as tunnelling
 from ops.console import confirm, console, export_lines, reports_errors
 from ops.errors import OpsError
 
@@ -34,7 +35,15 @@ HOST = {
     help={
         **STACK,
         **config.help_for(
-            "instance_type", "ami", "volume_size", "allowed_cidr", "ssh_key", "bucket", "port"
+            "instance_type",
+            "ami",
+            "volume_size",
+            "allowed_cidr",
+            "ssh_key",
+            "bucket",
+            "port",
+            "https_port",
+            "private",
         ),
         "host": "wait for SSH at this address instead of the instance's: user@address[:port]",
         "dry_run": "print the plan and change nothing",
@@ -52,6 +61,8 @@ def provision(
     ssh_key=None,
     bucket=None,
     port=None,
+    https_port=None,
+    private=False,
     host=None,
     dry_run=False,
 ):
@@ -67,6 +78,8 @@ def provision(
         ssh_key=ssh_key,
         bucket=bucket,
         port=port,
+        https_port=https_port,
+        private=private or None,  # not given: the setting decides
         ssh=host,
     )
     provisioning.provision(settings, dry_run=dry_run)
@@ -79,6 +92,9 @@ def provision(
         **config.help_for(
             "mlflow_version",
             "port",
+            "https_port",
+            "tls_cert",
+            "tls_key",
             "workers",
             "bucket",
             "artifacts_destination",
@@ -97,13 +113,16 @@ def deploy(
     ssh_key=None,
     mlflow_version=None,
     port=None,
+    https_port=None,
+    tls_cert=None,
+    tls_key=None,
     workers=None,
     bucket=None,
     artifacts_destination=None,
     ca_bundle=None,
     dry_run=False,
 ):
-    """Install or update MLflow on the stack's host and start it under systemd."""
+    """Install or update MLflow on the stack's host, behind nginx with TLS, under systemd."""
     settings = config.load(
         c.config,
         stack=stack,
@@ -113,12 +132,17 @@ def deploy(
         ssh_key=ssh_key,
         mlflow_version=mlflow_version,
         port=port,
+        https_port=https_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         workers=workers,
         bucket=bucket,
         artifacts_destination=artifacts_destination,
         ca_bundle=ca_bundle,
     )
     done = deploying.deploy(settings, dry_run=dry_run)
+    kind = "self-signed certificate" if done.certificate.self_signed else "certificate"
+    console.print(f"{kind} SHA-256 fingerprint: {done.certificate.fingerprint}", soft_wrap=True)
     if done.dry_run:
         console.print(f"dry run: {len(done.steps)} step(s) would change {done.target.ssh}")
     elif done.changed:
@@ -131,7 +155,7 @@ def deploy(
     help={
         **STACK,
         **HOST,
-        **config.help_for("mlflow_version", "port", "bucket", "artifacts_destination"),
+        **config.help_for("mlflow_version", "https_port", "bucket", "artifacts_destination"),
         "json": "print the checks as JSON instead of a table",
     }
 )
@@ -144,7 +168,7 @@ def status(
     ssh_user=None,
     ssh_key=None,
     mlflow_version=None,
-    port=None,
+    https_port=None,
     bucket=None,
     artifacts_destination=None,
     json_=False,
@@ -158,7 +182,7 @@ def status(
         ssh_user=ssh_user,
         ssh_key=ssh_key,
         mlflow_version=mlflow_version,
-        port=port,
+        https_port=https_port,
         bucket=bucket,
         artifacts_destination=artifacts_destination,
     )
@@ -290,7 +314,7 @@ def sandbox_env(c, state_dir=None):
     if box is None:
         raise OpsError("the sandbox is not up", hint="start it with `invoke sandbox.up`")
     with sandbox.environment(box):
-        login = logins.login_if_any(config.load(c.config))
+        login = logins.login_if_any(config.load(c.config))  # and the server's certificate
     print(sandbox.env_exports(box, login), end="")
 
 
@@ -298,17 +322,34 @@ def sandbox_env(c, state_dir=None):
     help={
         **STACK,
         **HOST,
-        "port": config.SETTINGS["port"].help,
+        "https_port": config.SETTINGS["https_port"].help,
         "user": "the login to print (default: admin); add teammates with users.add",
     }
 )
 @reports_errors
-def client_env(c, stack=None, region=None, host=None, ssh_user=None, ssh_key=None, port=None,
-               user=logins.ADMIN_USER):  # fmt: skip
+def client_env(c, stack=None, region=None, host=None, ssh_user=None, ssh_key=None,
+               https_port=None, user=logins.ADMIN_USER):  # fmt: skip
     """Print the export lines a teammate needs to log runs to the stack."""
     settings = config.load(c.config, stack=stack, region=region, ssh=host, ssh_user=ssh_user,
-                           ssh_key=ssh_key, port=port)  # fmt: skip
+                           ssh_key=ssh_key, https_port=https_port)  # fmt: skip
     print(export_lines(logins.client_env_for(settings, user)), end="")
+
+
+@task(
+    help={
+        **STACK,
+        **HOST,
+        "port": config.SETTINGS["port"].help,
+        "local_port": "the port on this machine to forward (default: a free one)",
+    }
+)
+@reports_errors
+def tunnel(c, stack=None, region=None, host=None, ssh_user=None, ssh_key=None, port=None,
+           local_port=None):  # fmt: skip
+    """Forward a local port to MLflow on the host over SSH, until Ctrl-C."""
+    settings = config.load(c.config, stack=stack, region=region, ssh=host, ssh_user=ssh_user,
+                           ssh_key=ssh_key, port=port)  # fmt: skip
+    tunnelling.tunnel(settings, int(local_port) if local_port else None)
 
 
 @task(
@@ -353,6 +394,7 @@ ns = Collection(
     restore,
     destroy,
     client_env,
+    tunnel,
     reproduce,
     user_tasks,
     sandbox_tasks,

@@ -25,12 +25,12 @@ from typing import Any
 from fabric import Connection
 from rich.table import Table
 
-from ops import host, logins
+from ops import host, logins, tls
 from ops.aws import Aws
 from ops.config import Settings
 from ops.console import console, phase
 from ops.errors import OpsError
-from ops.target import Target, connect, locate
+from ops.target import Target, connect, locate, uses_aws
 
 Connector = Callable[[Settings, Target], Connection]
 MANIFEST = "manifest.json"
@@ -240,7 +240,8 @@ def restore(
 
     with phase(f"Waiting for {target.url} to answer"):
         login = logins.admin_login(settings)
-        health.wait_until_ready(target.url, settings.mlflow_version, login=login)
+        verify = tls.verify_for(settings, Aws.connect(settings) if uses_aws(settings) else None)
+        health.wait_until_ready(target.url, settings.mlflow_version, login=login, verify=verify)
     return answer
 
 

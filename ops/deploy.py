@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from fabric import Connection
 
-from ops import health, host, logins
+from ops import health, host, logins, tls
 from ops.aws import Aws
 from ops.config import Settings
 from ops.console import console, note, phase
@@ -16,7 +16,10 @@ from ops.target import Target, connect, locate, uses_aws
 
 
 def release_for(
-    settings: Settings, target: Target, secrets: logins.ServerSecrets | None = None
+    settings: Settings,
+    target: Target,
+    secrets: logins.ServerSecrets | None = None,
+    certificate: tls.Certificate | None = None,
 ) -> host.Release:
     """What the host should run, from the settings and where it lives."""
     ca_bundle = None
@@ -36,6 +39,11 @@ def release_for(
         backup_keep=settings.backup_keep,
         backup_schedule=settings.backup_schedule,
         secrets=secrets,
+        # Behind nginx, MLflow listens on loopback alone.
+        bind="127.0.0.1" if certificate else "0.0.0.0",
+        tls_cert=certificate.cert_pem if certificate else None,
+        tls_key=certificate.key_pem if certificate else None,
+        https_port=settings.https_port,
     )
 
 
@@ -55,11 +63,22 @@ def server_secrets(
     return logins.ensure(settings, aws)
 
 
+def certificate(
+    settings: Settings, aws: Aws | None, target: Target, *, dry_run: bool
+) -> tls.Certificate:
+    """The certificate to serve, checked; a dry run stores no new self-signed one."""
+    if dry_run and settings.tls_cert is None and aws is not None:
+        return tls.stored(settings, aws) or tls.generate(target.tls_names)
+    return tls.for_deploy(settings, aws, target.tls_names)
+
+
 @dataclasses.dataclass(frozen=True)
 class Deployed:
     target: Target
     steps: list[str]
     dry_run: bool = False
+
+    certificate: tls.Certificate | None = None
 
     @property
     def changed(self) -> bool:
@@ -75,15 +94,17 @@ def deploy(
     """Bring the stack's host to the configured release, then check it answers."""
     aws = Aws.connect(settings) if uses_aws(settings) else None
     target = locate(settings, aws)
+    # A certificate nginx would refuse is refused here, before the host is touched.
+    served = certificate(settings, aws, target, dry_run=dry_run)
     secrets = server_secrets(settings, aws, dry_run=dry_run)
-    release = release_for(settings, target, secrets)
+    release = release_for(settings, target, secrets, served)
     with phase(f"Reading the state of {target.ssh}"), connector(settings, target) as c:
         steps = host.plan(release, host.probe(c, release))
 
     if dry_run:
         for step in steps:
             console.print(f"  would {step.title}")
-        return Deployed(target, [step.title for step in steps], dry_run=True)
+        return Deployed(target, [step.title for step in steps], dry_run=True, certificate=served)
 
     if steps:
         with phase(f"Deploying MLflow {settings.mlflow_version}"), connector(settings, target) as c:
@@ -98,9 +119,10 @@ def deploy(
                 hint=f"see `sudo journalctl -u {host.SERVICE}` on the host",
             )
         admin = (logins.ADMIN_USER, secrets.admin_password) if secrets else None
-        health.wait_until_ready(target.url, settings.mlflow_version, login=admin)
+        verify = tls.verify_for(settings, aws)
+        health.wait_until_ready(target.url, settings.mlflow_version, login=admin, verify=verify)
     if secrets is not None:
         with phase("Checking MLflow's old default admin password is refused"):
-            if logins.retire_legacy_password(target.url, secrets.admin_password):
+            if logins.retire_legacy_password(target.url, secrets.admin_password, verify):
                 note("it was accepted: replaced with the stack's admin password")
-    return Deployed(target, [step.title for step in steps])
+    return Deployed(target, [step.title for step in steps], certificate=served)

@@ -8,17 +8,21 @@ sends an artifact through the server to the bucket and back.
 from __future__ import annotations
 
 import dataclasses
+import re
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
 
 import requests
 import tenacity
+from cryptography import x509
 from fabric import Connection
 from rich.table import Table
 
 from ops import backup as backups
-from ops import host, logins
+from ops import host, logins, tls
 from ops.aws import Aws
 from ops.config import ARTIFACT_PREFIX, Settings
 from ops.console import console
@@ -31,12 +35,16 @@ HTTP_TIMEOUT = 30
 MIN_FREE_BYTES = 1 << 30
 MIN_FREE_FRACTION = 0.10
 HEALTH_PREFIX = "mlflow-ops-health"
+# The worst `systemd-analyze security` exposure the server's unit may have.
+MAX_EXPOSURE = 2.0
 # Every check, in the order status runs them.
 CHECKS = (
     "instance",
     "ssh",
     "unit",
+    "exposure",
     "disk",
+    "certificate",
     "health",
     "version",
     "login",
@@ -106,7 +114,9 @@ def status(
         return [*checks, *(Check(name, None, exc.message, exc.hint) for name in names)]
 
     checks.extend(_host_checks(settings, target, connector))
-    checks.extend(_server_checks(settings, target, aws))
+    verify = tls.verify_for(settings, aws)
+    checks.append(_certificate_check(settings, target, aws))
+    checks.extend(_server_checks(settings, target, aws, verify))
     checks.append(_backup_check(settings, target, aws, connector))
     return checks
 
@@ -122,11 +132,14 @@ def _host_checks(settings: Settings, target: Target, connector) -> list[Check]:
     try:
         with connector(settings, target) as c:
             facts = host.probe(c)
+            report = host.sudo(c, ["systemd-analyze", "security", host.SERVICE, "--no-pager"],
+                               warn=True)  # fmt: skip
     except Exception as exc:  # any failure to reach the host is this check's finding
         login = f"ssh -p {target.ssh_port} {target.ssh_user}@{target.ssh_host}"
         return [
             _fail("ssh", exc, hint=f"is SSH open to you? try `{login}`"),
             Check("unit", None, "needs SSH"),
+            Check("exposure", None, "needs SSH"),
             Check("disk", None, "needs SSH"),
         ]
     checks = [Check("ssh", True, target.ssh)]
@@ -146,6 +159,8 @@ def _host_checks(settings: Settings, target: Target, connector) -> list[Check]:
             )
         )
 
+    checks.append(exposure_check(report))
+
     disk = facts["disk"]
     free, total = disk["free"], disk["total"]
     detail = f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {disk['path']}"
@@ -158,8 +173,65 @@ def _host_checks(settings: Settings, target: Target, connector) -> list[Check]:
     return checks
 
 
-def _server_checks(settings: Settings, target: Target, aws: Aws | None) -> list[Check]:
+_EXPOSURE = re.compile(r"Overall exposure level for \S+: ([0-9.]+)")
+
+
+def exposure_check(report: str) -> Check:
+    """Judge the unit by the last line of ``systemd-analyze security``."""
+    found = _EXPOSURE.search(report)
+    if found is None:
+        hint = f"run `sudo systemd-analyze security {host.SERVICE}` on the host"
+        return Check("exposure", False, "systemd-analyze security gave no exposure level", hint)
+    level = float(found.group(1))
+    detail = f"{level:.1f} (limit {MAX_EXPOSURE:.1f}) by systemd-analyze security"
+    if level > MAX_EXPOSURE:
+        return Check("exposure", False, detail, hint="run `invoke deploy` to restore the unit")
+    return Check("exposure", True, detail)
+
+
+def presented_certificate(
+    address: str, port: int, timeout: float = HTTP_TIMEOUT
+) -> x509.Certificate:
+    """The certificate a TLS server presents, read without trusting it."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection((address, port), timeout=timeout) as sock,
+        context.wrap_socket(sock, server_hostname=address) as wrapped,
+    ):
+        der = wrapped.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+def _certificate_check(settings: Settings, target: Target, aws: Aws | None) -> Check:
+    """The server presents the stack's certificate, valid for more than two weeks."""
+    try:
+        served = presented_certificate(target.address, target.https_port)
+    except (OSError, ValueError) as exc:
+        return _fail("certificate", exc, hint=f"is port {target.https_port} open to you? "
+                     "is nginx running on the host?")  # fmt: skip
+    expected = None
+    if settings.tls_cert is not None and settings.tls_cert.is_file():
+        expected = x509.load_pem_x509_certificate(settings.tls_cert.read_bytes())
+    elif aws is not None and (stored := tls.stored(settings, aws)) is not None:
+        expected = stored.leaf
+    left = tls.days_left(served)
+    detail = f"{tls.fingerprint(served)[:23]}..., {left:.0f} days left"
+    if expected is not None and tls.fingerprint(expected) != tls.fingerprint(served):
+        return Check("certificate", False, f"the server presents another certificate: {detail}",
+                     hint="run `invoke deploy` to install the stack's certificate")  # fmt: skip
+    if left <= tls.MIN_DAYS_LEFT:
+        return Check("certificate", False, detail, hint="renew it (tls_cert, tls_key) and run "
+                     "`invoke deploy`")  # fmt: skip
+    return Check("certificate", True, detail)
+
+
+def _server_checks(
+    settings: Settings, target: Target, aws: Aws | None, verify: bool | str = True
+) -> list[Check]:
     session = requests.Session()
+    session.verify = verify
     url = target.url
     secrets = logins.read(settings, aws) if settings.auth and aws is not None else None
     if secrets is not None:
@@ -169,7 +241,7 @@ def _server_checks(settings: Settings, target: Target, aws: Aws | None) -> list[
         if answer.status_code != 200 or answer.text.strip() != "OK":
             raise OpsError(f"/health answered {answer.status_code}: {answer.text[:80]!r}")
     except (requests.RequestException, OpsError) as exc:
-        hint = f"is port {target.port} open to you? is the unit running?"
+        hint = f"is port {target.https_port} open to you? are the unit and nginx running?"
         names = ["version", "login", "metadata", "artifacts"]
         return [_fail("health", exc, hint), *(Check(n, None, "needs /health") for n in names)]
     checks = [Check("health", True, f"{url}/health answered OK")]
@@ -187,13 +259,15 @@ def _server_checks(settings: Settings, target: Target, aws: Aws | None) -> list[
             )
         )
 
-    checks.append(_login_check(settings, url, secrets))
+    checks.append(_login_check(settings, url, secrets, verify))
     checks.append(_metadata_check(session, url))
     checks.append(_artifact_check(session, target, aws))
     return checks
 
 
-def _login_check(settings: Settings, url: str, secrets: logins.ServerSecrets | None) -> Check:
+def _login_check(
+    settings: Settings, url: str, secrets: logins.ServerSecrets | None, verify: bool | str = True
+) -> Check:
     """Without a login the API must refuse; so must MLflow's old default password."""
     if not settings.auth:
         # Chosen, not broken: shown, but not a failure.
@@ -202,12 +276,14 @@ def _login_check(settings: Settings, url: str, secrets: logins.ServerSecrets | N
         return Check("login", False, "the stack has no admin password in SSM",
                      hint="run `invoke deploy`")  # fmt: skip
     probe = f"{url}/api/2.0/mlflow/experiments/search"
-    anonymous = requests.post(probe, json={"max_results": 1}, timeout=HTTP_TIMEOUT)
+    body = {"max_results": 1}
+    anonymous = requests.post(probe, json=body, timeout=HTTP_TIMEOUT, verify=verify)
     legacy = requests.post(
         probe,
-        json={"max_results": 1},
+        json=body,
         auth=(logins.ADMIN_USER, logins.LEGACY_ADMIN_PASSWORD),
         timeout=HTTP_TIMEOUT,
+        verify=verify,
     )
     if anonymous.status_code != 401:
         return Check("login", False, f"a request without a login got {anonymous.status_code}",
@@ -284,15 +360,20 @@ def _backup_check(settings: Settings, target: Target, aws: Aws | None, connector
 
 
 def wait_until_ready(
-    url: str, version: str, *, login: tuple[str, str] | None = None, timeout: float = 180
+    url: str,
+    version: str,
+    *,
+    login: tuple[str, str] | None = None,
+    verify: bool | str = True,
+    timeout: float = 180,
 ) -> None:
     """Wait until the server at ``url`` answers ``/health`` and runs ``version``."""
 
     def ready() -> None:
-        answer = requests.get(f"{url}/health", timeout=HTTP_TIMEOUT)
+        answer = requests.get(f"{url}/health", timeout=HTTP_TIMEOUT, verify=verify)
         if answer.status_code != 200:
             raise OpsError(f"/health answered {answer.status_code}")
-        running = requests.get(f"{url}/version", auth=login, timeout=HTTP_TIMEOUT)
+        running = requests.get(f"{url}/version", auth=login, timeout=HTTP_TIMEOUT, verify=verify)
         if running.status_code == 401:
             raise OpsError("/version refused the admin login")
         if running.text.strip() != version:

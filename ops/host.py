@@ -20,6 +20,12 @@ On the host::
     /var/lib/mlflow/mlflow.db      the metadata store (SQLite, WAL mode)
     /opt/mlflow-ops/backup.py      backup and restore (``ops/host_backup.py``)
     /etc/systemd/system/mlflow-backup.{service,timer}   the scheduled backup
+    /etc/mlflow/tls/server.{crt,key}                    the certificate nginx serves
+    /etc/nginx/sites-available/mlflow  nginx: TLS on https_port, proxied to MLflow on loopback
+
+A release with a certificate puts nginx in front: MLflow listens on
+127.0.0.1 only, and a change to nginx's files reloads nginx without
+restarting MLflow.
 """
 
 from __future__ import annotations
@@ -62,6 +68,18 @@ UV = f"{TOOLS_DIR}/bin/uv"
 UV_VERSION = "0.13.9"
 UV_CACHE = "/var/cache/mlflow-ops/uv"
 PACKAGES = ("python3-venv",)
+PROXY_PACKAGES = ("nginx",)
+PROXY = "nginx"
+TLS_DIR = f"{CONFIG_DIR}/tls"
+TLS_CERT_PATH = f"{TLS_DIR}/server.crt"
+TLS_KEY_PATH = f"{TLS_DIR}/server.key"
+SITE_PATH = "/etc/nginx/sites-available/mlflow"
+SITE_LINK = "/etc/nginx/sites-enabled/mlflow"
+DEFAULT_SITE_LINK = "/etc/nginx/sites-enabled/default"
+PROXY_FILES = {TLS_CERT_PATH, TLS_KEY_PATH, SITE_PATH}
+# How long nginx waits on a quiet transfer: a large artifact may take a while
+# to reach S3 before MLflow answers.
+PROXY_TIMEOUT = "3600s"
 PROBE = Path(__file__).with_name("host_probe.py")
 BACKUP_SCRIPT_SOURCE = Path(__file__).with_name("host_backup.py")
 BACKUP_SCRIPT = "/opt/mlflow-ops/backup.py"
@@ -91,6 +109,18 @@ class Release:
     backup_schedule: str = "daily"
     # With secrets, the server requires a login (MLflow's basic auth).
     secrets: ServerSecrets | None = None
+    # With a certificate (PEM text), nginx serves MLflow over TLS on https_port.
+    tls_cert: str | None = None
+    tls_key: str | None = dataclasses.field(default=None, repr=False)
+    https_port: int = 443
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return PACKAGES + PROXY_PACKAGES if self.tls else PACKAGES
 
     @property
     def auth(self) -> bool:
@@ -229,6 +259,8 @@ def managed_files(release: Release) -> list[ManagedFile]:
     if release.ca_bundle is not None:
         files.append(ManagedFile(CA_PATH, release.ca_bundle, "0644"))
     files += _backup_files(release)
+    if release.tls:
+        files += _proxy_files(release)
     if release.auth:
         auth_config = render(
             "basic_auth.ini.j2",
@@ -265,6 +297,23 @@ def _backup_files(release: Release) -> list[ManagedFile]:
     ]
 
 
+def _proxy_files(release: Release) -> list[ManagedFile]:
+    site = render(
+        "nginx-mlflow.conf.j2",
+        stack=release.stack,
+        https_port=release.https_port,
+        port=release.port,
+        cert_path=TLS_CERT_PATH,
+        key_path=TLS_KEY_PATH,
+        timeout=PROXY_TIMEOUT,
+    )
+    return [
+        ManagedFile(TLS_CERT_PATH, release.tls_cert, "0644"),
+        ManagedFile(TLS_KEY_PATH, release.tls_key, "0600"),
+        ManagedFile(SITE_PATH, site, "0644"),
+    ]
+
+
 class _Input(io.StringIO):
     """Text for a remote command's standard input.
 
@@ -295,7 +344,7 @@ def probe(c: Context, release: Release | None = None) -> dict:
     """Collect the host's state in one round trip (see ``host_probe``)."""
     files = [f.path for f in managed_files(release)] if release else [UNIT_PATH, ENV_PATH]
     request = {
-        "packages": list(PACKAGES),
+        "packages": list(release.packages if release else PACKAGES),
         "user": SERVICE_USER,
         "files": files,
         "releases": RELEASES_DIR,
@@ -305,6 +354,8 @@ def probe(c: Context, release: Release | None = None) -> dict:
         "schema_marker": SCHEMA_MARKER,
         "unit": SERVICE,
         "data_dir": DATA_DIR,
+        "proxy": PROXY,
+        "links": [SITE_LINK, DEFAULT_SITE_LINK],
     }
     script = _Input(PROBE.read_text())
     output = sudo(c, ["python3", "-", json.dumps(request)], in_stream=script)
@@ -322,8 +373,9 @@ def plan(release: Release, facts: dict) -> list[Step]:
     # Files first: the CA bundle may be needed to download anything.
     changed = [f for f in managed_files(release) if facts["files"].get(f.path) != f.sha256]
     for managed in changed:
-        # The backup's files are not the server's: writing them restarts nothing.
-        server_file = managed.path not in BACKUP_FILES
+        # The backup's and nginx's files are not the server's: writing them
+        # restarts nothing.
+        server_file = managed.path not in BACKUP_FILES | PROXY_FILES
         steps.append(Step(f"write {managed.path}", _write_file(managed), restart=server_file))
     if any(f.path in UNIT_FILES for f in changed):
         steps.append(Step("reload systemd", _daemon_reload))
@@ -354,11 +406,31 @@ def plan(release: Release, facts: dict) -> list[Step]:
     if facts["files"].get(BACKUP_TIMER_PATH) is None:
         steps.append(Step("take a first backup", _first_backup))
 
+    if release.tls:
+        steps += _proxy_steps(facts, proxy_changed=any(f.path in PROXY_FILES for f in changed))
+
     # Keep the release that ran before this deploy, for a quick rollback.
     keep = {release.release_name, facts["current"]}
     stale = [name for name in facts["releases"] if name not in keep]
     if stale:
         steps.append(Step(f"remove old releases {', '.join(stale)}", _remove_releases(stale)))
+    return steps
+
+
+def _proxy_steps(facts: dict, *, proxy_changed: bool) -> list[Step]:
+    """Enable the site alone, then reload nginx, which keeps open connections, or start it."""
+    steps = []
+    links = facts.get("links", {})
+    site_off = links.get(SITE_LINK) != SITE_PATH or links.get(DEFAULT_SITE_LINK) is not None
+    if site_off:
+        steps.append(Step("enable the mlflow site in nginx", _enable_site))
+    proxy = facts.get("proxy", {})
+    if proxy.get("UnitFileState") != "enabled":
+        steps.append(Step(f"enable {PROXY}", _enable_proxy))
+    if proxy.get("ActiveState") != "active":
+        steps.append(Step(f"start {PROXY}", _start_proxy))
+    elif proxy_changed or site_off:
+        steps.append(Step(f"reload {PROXY}", _reload_proxy))
     return steps
 
 
@@ -489,3 +561,25 @@ def _remove_releases(names: list[str]) -> Callable[[Context], None]:
         sudo(c, ["rm", "-rf", *(f"{RELEASES_DIR}/{name}" for name in names)], echo=True)
 
     return action
+
+
+def _enable_site(c: Context) -> None:
+    sudo(c, ["ln", "-sfn", SITE_PATH, SITE_LINK], echo=True)
+    sudo(c, ["rm", "-f", DEFAULT_SITE_LINK], echo=True)
+
+
+def _enable_proxy(c: Context) -> None:
+    sudo(c, ["systemctl", "enable", "--quiet", PROXY], echo=True)
+
+
+def _start_proxy(c: Context) -> None:
+    # Installing the package may have started nginx since the probe: a
+    # reload makes sure it reads the new site either way.
+    sudo(c, ["nginx", "-t", "-q"], echo=True)
+    sudo(c, ["systemctl", "reload-or-restart", PROXY], echo=True)
+
+
+def _reload_proxy(c: Context) -> None:
+    # A configuration nginx refuses fails here, and the running one stays.
+    sudo(c, ["nginx", "-t", "-q"], echo=True)
+    sudo(c, ["systemctl", "reload", PROXY], echo=True)

@@ -70,6 +70,13 @@ def _releases(root, marker):
     return found
 
 
+def _link(path):
+    # Where a symlink points; a plain file there is reported as itself.
+    if os.path.islink(path):
+        return os.readlink(path)
+    return path if os.path.exists(path) else None
+
+
 def _unit(name):
     shown = _output(
         [
@@ -101,6 +108,8 @@ def main(request):
         "schema": _read(request["schema_marker"]),
         "unit": _unit(request["unit"]),
         "disk": _disk(request["data_dir"]),
+        "proxy": _unit(request["proxy"]) if "proxy" in request else {},
+        "links": {path: _link(path) for path in request.get("links", [])},
     }
     print(json.dumps(facts))
 

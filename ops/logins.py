@@ -20,6 +20,7 @@ import secrets
 
 import requests
 
+from ops import tls
 from ops.aws import Aws
 from ops.config import Settings
 from ops.errors import OpsError
@@ -189,8 +190,12 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
 def client_env(settings: Settings, aws: Aws, url: str, user: str = ADMIN_USER) -> dict[str, str]:
-    """The variables MLflow's client needs to log to the stack as ``user``."""
-    variables = {"MLFLOW_TRACKING_URI": url}
+    """The variables MLflow's client needs to log to the stack as ``user``.
+
+    With the stack's self-signed certificate, it is written to a file that
+    the client is told to trust (``tls.ca_file``).
+    """
+    variables = {"MLFLOW_TRACKING_URI": url, **server_cert_env(settings, aws)}
     if not settings.auth:
         return variables
     password = user_password(settings, aws, user)
@@ -210,7 +215,7 @@ def _admin_server(settings: Settings, aws: Aws, url: str) -> Server:
         raise OpsError(
             f"stack '{settings.stack}' has no admin login yet", hint="run `invoke deploy`"
         )
-    return Server(url, ADMIN_USER, secrets.admin_password)
+    return Server(url, ADMIN_USER, secrets.admin_password, tls.verify_for(settings, aws))
 
 
 def add_user(settings: Settings, aws: Aws, url: str, name: str, permission: str) -> None:
@@ -282,12 +287,20 @@ def admin_login(settings: Settings, aws: Aws | None = None) -> tuple[str, str] |
     return (ADMIN_USER, secrets.admin_password) if secrets else None
 
 
+def server_cert_env(settings: Settings, aws: Aws | None) -> dict[str, str]:
+    """``MLFLOW_TRACKING_SERVER_CERT_PATH`` for a stack that serves a self-signed certificate."""
+    verify = tls.verify_for(settings, aws)
+    return {"MLFLOW_TRACKING_SERVER_CERT_PATH": verify} if isinstance(verify, str) else {}
+
+
 def login_if_any(settings: Settings) -> dict[str, str]:
-    """The admin's login variables once a deploy has made one; else nothing."""
-    found = admin_login(settings)
-    if found is None:
-        return {}
-    return {"MLFLOW_TRACKING_USERNAME": found[0], "MLFLOW_TRACKING_PASSWORD": found[1]}
+    """The admin's login and the server's certificate once a deploy has made them; else nothing."""
+    aws = Aws.connect(settings)
+    variables = server_cert_env(settings, aws)
+    found = admin_login(settings, aws)
+    if found is not None:
+        variables.update(MLFLOW_TRACKING_USERNAME=found[0], MLFLOW_TRACKING_PASSWORD=found[1])
+    return variables
 
 
 def manage_user(settings: Settings, action: str, name: str, permission: str = "EDIT") -> None:

@@ -163,6 +163,8 @@ class Sandbox:
     guest_log: Path
     guest_pid_file: Path
     rootfs: Path | None = None
+    # nginx's port in the guest; on the machine's network too, so never 443.
+    https_port: int | None = None
     ami_id: str | None = None
     moto: Process | None = None
     supervisor: Process | None = None
@@ -177,7 +179,8 @@ class Sandbox:
 
     @property
     def mlflow_url(self) -> str:
-        return f"http://127.0.0.1:{self.mlflow_port}"
+        """Where clients reach the server: nginx, over TLS."""
+        return f"https://127.0.0.1:{self.https_port}"
 
     def guest_process(self) -> Process | None:
         """The systemd-nspawn process running the guest now, as its supervisor recorded it."""
@@ -248,6 +251,7 @@ def env_vars(sandbox: Sandbox) -> dict[str, str]:
         "MLFLOW_OPS_AMI": sandbox.ami_id or "",
         "MLFLOW_OPS_ALLOWED_CIDR": "127.0.0.1/32",
         "MLFLOW_OPS_PORT": str(sandbox.mlflow_port),
+        "MLFLOW_OPS_HTTPS_PORT": str(sandbox.https_port),
         # The guest has no instance role: the server reaches moto with these instead.
         "MLFLOW_OPS_SERVER_ENV": json.dumps({**aws, "AWS_DEFAULT_REGION": REGION}),
     }
@@ -317,6 +321,8 @@ def up(state_dir: Path = DEFAULT_STATE_DIR) -> Sandbox:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked(state_dir / ".lock"):
         sandbox = load(state_dir) or _new_sandbox(state_dir)
+        if sandbox.https_port is None:  # recorded by a version without TLS
+            sandbox.https_port = _free_ports(1)[0]
         sandbox.save()
         changed = [
             _prepare_guest(sandbox),
@@ -352,7 +358,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> None:
 
 
 def _new_sandbox(state_dir: Path) -> Sandbox:
-    moto_port, ssh_port, mlflow_port = _free_ports(3)
+    moto_port, ssh_port, mlflow_port, https_port = _free_ports(4)
     # Named after its state directory, so sandboxes side by side get distinct names.
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
     return Sandbox(
@@ -361,6 +367,7 @@ def _new_sandbox(state_dir: Path) -> Sandbox:
         moto_port=moto_port,
         ssh_port=ssh_port,
         mlflow_port=mlflow_port,
+        https_port=https_port,
         key_path=state_dir / "id_ed25519",
         guest_root=state_dir / "guest",
         uv_cache=cache_home() / "uv",
@@ -639,7 +646,10 @@ def _ensure_guest(sandbox: Sandbox) -> bool:
         sandbox.supervisor = _launch(_supervisor_argv(sandbox), sandbox.guest_log)
         sandbox.save()
         _wait_for_ssh(sandbox)
-        note(f"SSH on port {sandbox.ssh_port}, MLflow port {sandbox.mlflow_port}")
+        note(
+            f"SSH on port {sandbox.ssh_port}, HTTPS port {sandbox.https_port}, "
+            f"MLflow port {sandbox.mlflow_port}"
+        )
     return True
 
 

@@ -30,10 +30,19 @@ class Target:
     artifacts_destination: str
     bucket: str | None = None
     public_address: str | None = None
+    https_port: int = 443
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.port}"
+        """Where clients reach the server: nginx, over TLS."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"https://{host}" if self.https_port == 443 else f"https://{host}:{self.https_port}"
+
+    @property
+    def tls_names(self) -> list[str]:
+        """The names a self-signed certificate is made for."""
+        names = (self.address, self.public_address, "localhost", "127.0.0.1")
+        return list(dict.fromkeys(name for name in names if name))
 
     @property
     def ssh(self) -> str:
@@ -41,12 +50,12 @@ class Target:
 
     @property
     def allowed_hosts(self) -> tuple[str, ...]:
-        # MLflow answers 403 to a Host header it does not know; clients send
-        # the address with the port, proxies and browsers may send it bare.
-        names = dict.fromkeys(
-            name for name in (self.address, self.public_address, "localhost", "127.0.0.1") if name
-        )
-        return tuple(f"{name}{suffix}" for name in names for suffix in ("", f":{self.port}"))
+        # MLflow answers 403 to a Host header it does not know. nginx passes
+        # on the client's: the address, bare or with the HTTPS port. Through
+        # `invoke tunnel` it is localhost with whichever local port was free.
+        suffixes = ("", f":{self.https_port}", f":{self.port}")
+        allowed = [f"{name}{suffix}" for name in self.tls_names for suffix in suffixes]
+        return tuple(dict.fromkeys([*allowed, "localhost:*", "127.0.0.1:*"]))
 
 
 def uses_aws(settings: Settings) -> bool:
@@ -83,6 +92,7 @@ def locate(settings: Settings, aws: Aws | None = None) -> Target:
         ssh_port=ssh_port,
         address=address,
         port=settings.port,
+        https_port=settings.https_port,
         artifacts_destination=destination,
         bucket=bucket,
         public_address=state.public_address if state else None,

@@ -25,6 +25,7 @@ from tests.test_e2e import (
     moto_s3,
     seconds_until_healthy,
     status,
+    trusted,
 )
 
 DB = "/var/lib/mlflow/mlflow.db"
@@ -64,6 +65,7 @@ class Client:
         self.url = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
         self.session = requests.Session()
         self.session.auth = login(env)
+        self.session.verify = trusted(env)
 
     def call(self, endpoint: str, body: dict) -> dict:
         answer = self.session.post(f"{self.url}/{endpoint}", json=body, timeout=30)
@@ -266,7 +268,7 @@ def test_the_timer_takes_a_listed_verified_backup_and_pruning_keeps_n(stack):
 
 
 def test_the_stack_is_healthy_after_the_restores(stack):
-    seconds_until_healthy(stack["MLFLOW_TRACKING_URI"], 60)
+    seconds_until_healthy(stack, 60)
     code, checks = status(stack)
     assert code == 0, checks
     assert "h old" in checks["backup"]["detail"]

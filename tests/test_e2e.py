@@ -9,6 +9,7 @@ look at the result, disturb it, and watch it recover.
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import subprocess
@@ -64,11 +65,17 @@ def unit(env: dict[str, str]) -> dict[str, str]:
     return dict(line.split("=", 1) for line in shown.splitlines())
 
 
-def seconds_until_healthy(url: str, timeout: float) -> float:
+def trusted(env: dict[str, str]) -> str | bool:
+    """What a client trusts for the server: the certificate client-env wrote, if any."""
+    return env.get("MLFLOW_TRACKING_SERVER_CERT_PATH", True)
+
+
+def seconds_until_healthy(env: dict[str, str], timeout: float) -> float:
+    url = env["MLFLOW_TRACKING_URI"]
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         try:
-            if requests.get(f"{url}/health", timeout=5).text.strip() == "OK":
+            if requests.get(f"{url}/health", timeout=5, verify=trusted(env)).text.strip() == "OK":
                 return time.monotonic() - started
         except requests.RequestException:
             pass
@@ -149,6 +156,7 @@ def test_a_client_without_aws_credentials_logs_an_artifact_that_lands_in_the_buc
         params={"run_id": run_id},
         auth=login(stack),
         timeout=30,
+        verify=trusted(stack),
     ).json()["run"]["data"]["metrics"]
     assert metric == [{"key": "loss", "value": 0.25, "timestamp": metric[0]["timestamp"],
                        "step": 0}]  # fmt: skip
@@ -157,10 +165,10 @@ def test_a_client_without_aws_credentials_logs_an_artifact_that_lands_in_the_buc
 def test_the_api_refuses_requests_without_a_login_and_with_the_old_default(stack):
     search = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
     body = {"max_results": 1}
-    assert requests.post(search, json=body, timeout=30).status_code == 401
-    old_default = ("admin", "password1234")
-    assert requests.post(search, json=body, auth=old_default, timeout=30).status_code == 401
-    assert requests.post(search, json=body, auth=login(stack), timeout=30).status_code == 200
+    post = functools.partial(requests.post, search, json=body, timeout=30, verify=trusted(stack))
+    assert post().status_code == 401
+    assert post(auth=("admin", "password1234")).status_code == 401
+    assert post(auth=login(stack)).status_code == 200
 
 
 def test_the_admin_password_reaches_the_host_only_in_the_private_environment_file(stack):
@@ -199,7 +207,9 @@ def test_a_teammate_logs_runs_with_only_what_client_env_prints_until_removed(sta
     # Each worker may remember a checked password for half a minute.
     deadline = time.monotonic() + 45
     url = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
-    while requests.post(url, json={}, auth=login(teammate), timeout=30).status_code != 401:
+    while (
+        requests.post(url, json={}, auth=login(teammate), timeout=30, verify=trusted(stack))
+    ).status_code != 401:
         assert time.monotonic() < deadline, "a removed user could still log in"
         time.sleep(1)
     assert invoke(stack, "client-env", "--user", "ada", check=False).returncode == 1
@@ -257,11 +267,11 @@ def test_status_names_the_failed_check_when_the_server_is_stopped(stack):
         assert checks["instance"]["outcome"] == "ok"
     finally:
         guest(stack, "sudo systemctl start mlflow")
-    seconds_until_healthy(stack["MLFLOW_TRACKING_URI"], 180)
+    seconds_until_healthy(stack, 180)
 
 
 def test_the_server_is_healthy_again_within_30s_after_kill_9(stack):
-    seconds_until_healthy(stack["MLFLOW_TRACKING_URI"], 180)
+    seconds_until_healthy(stack, 180)
     before = unit(stack)
     started = time.monotonic()
     guest(stack, f"sudo kill -9 {before['MainPID']}")
@@ -269,7 +279,7 @@ def test_the_server_is_healthy_again_within_30s_after_kill_9(stack):
     while unit(stack)["MainPID"] in {before["MainPID"], "0"}:
         assert time.monotonic() - started < 30, "systemd did not start the server again"
         time.sleep(0.5)
-    seconds_until_healthy(stack["MLFLOW_TRACKING_URI"], 60)
+    seconds_until_healthy(stack, 60)
     took = time.monotonic() - started
     assert int(unit(stack)["NRestarts"]) == int(before["NRestarts"]) + 1
     assert took < 30, f"the server took {took:.1f}s to come back"
@@ -289,7 +299,7 @@ def test_the_server_comes_back_after_the_guest_restarts_with_no_command_from_us(
         time.sleep(0.5)
     else:
         pytest.fail("the guest did not restart")
-    seconds_until_healthy(stack["MLFLOW_TRACKING_URI"], 180)
+    seconds_until_healthy(stack, 180)
     code, checks = status(stack)
     assert code == 0, checks
 

@@ -110,13 +110,14 @@ def test_the_exports_give_a_shell_the_sandbox_environment_and_drop_a_profile(san
     assert env["MLFLOW_OPS_AMI"] == sandbox.ami_id
     assert env["MLFLOW_OPS_ALLOWED_CIDR"] == "127.0.0.1/32"
     assert env["MLFLOW_OPS_PORT"] == str(sandbox.mlflow_port)
+    assert env["MLFLOW_OPS_HTTPS_PORT"] == str(sandbox.https_port)
     assert json.loads(env["MLFLOW_OPS_SERVER_ENV"]) == {
         "AWS_ENDPOINT_URL": moto,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{sandbox.mlflow_port}"
+    assert env["MLFLOW_TRACKING_URI"] == f"https://127.0.0.1:{sandbox.https_port}"
 
 
 def test_the_exports_resolve_to_settings_that_point_the_toolkit_at_the_sandbox(sandbox):
@@ -133,6 +134,7 @@ def test_the_exports_resolve_to_settings_that_point_the_toolkit_at_the_sandbox(s
     assert settings.ssh_key == sandbox.key_path
     assert settings.ami == sandbox.ami_id
     assert settings.port == sandbox.mlflow_port
+    assert settings.https_port == sandbox.https_port
     assert settings.server_env["AWS_ENDPOINT_URL"] == sandbox.moto_url
 
 

@@ -29,17 +29,28 @@ def test_a_given_host_with_its_own_artifact_store_and_no_logins_needs_no_aws(mon
         )
     )
     assert (target.ssh_user, target.ssh_host, target.ssh_port) == ("deploy", "10.1.2.3", 2222)
-    assert target.url == "http://10.1.2.3:5000"
+    assert target.url == "https://10.1.2.3"
     assert target.artifacts_destination == "/var/lib/mlflow/artifacts"
 
 
-def test_the_server_allows_its_public_address_with_and_without_the_port():
+def test_the_server_allows_its_public_address_with_and_without_the_https_port():
     target = Target("admin", "127.0.0.1", 2200, "127.0.0.1", 5000, "s3://b/artifacts",
-                    public_address="203.0.113.7")  # fmt: skip
-    assert {"203.0.113.7", "203.0.113.7:5000", "127.0.0.1", "127.0.0.1:5000"} <= set(
+                    public_address="203.0.113.7", https_port=8443)  # fmt: skip
+    assert {"203.0.113.7", "203.0.113.7:8443", "127.0.0.1", "127.0.0.1:8443"} <= set(
         target.allowed_hosts
     )
     assert len(target.allowed_hosts) == len(set(target.allowed_hosts))
+
+
+def test_the_url_is_https_and_names_the_port_only_when_it_is_not_443():
+    target = Target("admin", "203.0.113.7", 22, "203.0.113.7", 5000, "s3://b/artifacts")
+    assert target.url == "https://203.0.113.7"
+    assert Target(**{**target.__dict__, "https_port": 8443}).url == "https://203.0.113.7:8443"
+
+
+def test_a_tunnel_reaches_the_server_through_any_local_port():
+    target = Target("admin", "203.0.113.7", 22, "203.0.113.7", 5000, "s3://b/artifacts")
+    assert {"localhost:*", "127.0.0.1:*"} <= set(target.allowed_hosts)
 
 
 def test_a_stack_without_an_instance_says_to_provision(moto_env):
