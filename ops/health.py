@@ -230,7 +230,7 @@ def _certificate_check(settings: Settings, target: Target, aws: Aws | None) -> C
 def _server_checks(
     settings: Settings, target: Target, aws: Aws | None, verify: bool | str = True
 ) -> list[Check]:
-    session = requests.Session()
+    session = tls.Session()
     session.verify = verify
     url = target.url
     secrets = logins.read(settings, aws) if settings.auth and aws is not None else None

@@ -109,7 +109,7 @@ class Server:
 
     def __init__(self, url: str, user: str, password: str, verify: bool | str = True):
         self.url = url
-        self.session = requests.Session()
+        self.session = tls.Session()
         self.session.auth = (user, password)
         self.session.verify = verify
 

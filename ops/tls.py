@@ -23,6 +23,7 @@ import ipaddress
 import os
 from pathlib import Path
 
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -154,6 +155,18 @@ def generate(names: list[str], days: int = SELF_SIGNED_DAYS) -> Certificate:
         serialization.NoEncryption(),
     ).decode()
     return Certificate(cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem, True)
+
+
+class Session(requests.Session):
+    """A requests session that keeps to its ``verify``.
+
+    A plain session's ``verify`` gives way to ``REQUESTS_CA_BUNDLE`` from the
+    environment, which would make it distrust the stack's own certificate.
+    """
+
+    def request(self, *args, **kwargs) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
+        return super().request(*args, **kwargs)
 
 
 def parameter(settings: Settings) -> str:

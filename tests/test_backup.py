@@ -68,7 +68,9 @@ class Client:
         self.session.verify = trusted(env)
 
     def call(self, endpoint: str, body: dict) -> dict:
-        answer = self.session.post(f"{self.url}/{endpoint}", json=body, timeout=30)
+        answer = self.session.post(
+            f"{self.url}/{endpoint}", json=body, timeout=30, verify=self.session.verify
+        )
         answer.raise_for_status()
         return answer.json()
 
