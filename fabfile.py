@@ -6,7 +6,9 @@ Fabric connects to (``-i KEY`` picks the key). Settings come from
 ``artifacts_destination`` to keep artifacts somewhere other than the stack's
 bucket, for example ``/var/lib/mlflow/artifacts`` on the host itself.
 Logins keep their passwords in the stack's SSM parameters, so they need AWS
-credentials too; ``MLFLOW_OPS_AUTH=false`` runs the server without them.
+credentials too; ``MLFLOW_OPS_AUTH=false`` runs the server without them. So
+does the stack's self-signed certificate: without AWS, give your own with
+``--tls-cert`` and ``--tls-key``.
 """
 
 import json
@@ -23,7 +25,14 @@ from ops.target import of_connection, reconnect
 @task(
     help={
         **config.help_for(
-            "mlflow_version", "port", "workers", "artifacts_destination", "ca_bundle"
+            "mlflow_version",
+            "port",
+            "https_port",
+            "tls_cert",
+            "tls_key",
+            "workers",
+            "artifacts_destination",
+            "ca_bundle",
         ),
         "dry_run": "print the steps the host needs and change nothing",
     }
@@ -33,6 +42,9 @@ def deploy(
     c,
     mlflow_version=None,
     port=None,
+    https_port=None,
+    tls_cert=None,
+    tls_key=None,
     workers=None,
     artifacts_destination=None,
     ca_bundle=None,
@@ -43,6 +55,9 @@ def deploy(
         None,
         mlflow_version=mlflow_version,
         port=port,
+        https_port=https_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         workers=workers,
         artifacts_destination=artifacts_destination,
         ca_bundle=ca_bundle,
@@ -50,21 +65,24 @@ def deploy(
     done = deploying.deploy(of_connection(c, settings), dry_run=dry_run, connector=reconnect(c))
     verb = "would change" if done.dry_run else "changed" if done.changed else "unchanged"
     console.print(f"{c.host}: {verb} ({len(done.steps)} step(s)); MLflow at {done.target.url}")
+    console.print(
+        f"certificate SHA-256 fingerprint: {done.certificate.fingerprint}", soft_wrap=True
+    )
 
 
 @task(
     help={
-        **config.help_for("mlflow_version", "port", "artifacts_destination"),
+        **config.help_for("mlflow_version", "https_port", "artifacts_destination"),
         "json": "print the checks as JSON instead of a table",
     }
 )
 @reports_errors
-def status(c, mlflow_version=None, port=None, artifacts_destination=None, json_=False):
+def status(c, mlflow_version=None, https_port=None, artifacts_destination=None, json_=False):
     """Check this host's MLflow server end to end."""
     settings = config.load(
         None,
         mlflow_version=mlflow_version,
-        port=port,
+        https_port=https_port,
         artifacts_destination=artifacts_destination,
     )
     checks = health.status(of_connection(c, settings), connector=reconnect(c))
