@@ -1,6 +1,6 @@
 """Train a small classifier on scikit-learn's digits, logged through ops.tracking.
 
-    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 .venv/bin/python examples/train.py --epochs 10
+    eval "$(invoke client-env)"; .venv/bin/python examples/train.py --epochs 10
 
 The run records the parameters, the loss and accuracy of every epoch, the fitted model,
 and the exact source state, so that `invoke reproduce RUN_ID` can rebuild this code. The
