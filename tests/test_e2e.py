@@ -9,9 +9,14 @@ look at the result, disturb it, and watch it recover.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import hashlib
 import json
+import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +25,10 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fabric import Config, Connection
 
 from ops import health
@@ -101,7 +110,8 @@ def status(env: dict[str, str]) -> tuple[int, dict[str, dict]]:
 
 def exported(output: str) -> dict[str, str]:
     """The variables of ``export NAME=VALUE`` lines, as a shell would read them."""
-    pairs = (shlex.split(line)[1].split("=", 1) for line in output.splitlines())
+    lines = (line for line in output.splitlines() if line.startswith("export "))
+    pairs = (shlex.split(line)[1].split("=", 1) for line in lines)
     return dict(pairs)
 
 
@@ -122,6 +132,178 @@ def test_status_passes_every_check_after_provision_and_deploy(stack):
     assert list(checks) == CHECKS
     assert {name: check["outcome"] for name, check in checks.items()} == dict.fromkeys(CHECKS, "ok")
     assert code == 0
+
+
+def test_the_server_answers_only_over_tls_and_mlflow_listens_on_loopback_only(stack):
+    url = stack["MLFLOW_TRACKING_URI"]
+    assert url.startswith("https://")
+    assert requests.get(f"{url}/health", timeout=30, verify=trusted(stack)).text.strip() == "OK"
+    # Without the stack's certificate, a client refuses the server.
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"{url}/health", timeout=30)
+    plain = requests.get(f"{url.replace('https://', 'http://')}/health", timeout=30)
+    assert plain.status_code == 400 and plain.text.strip() != "OK"
+
+    port = stack["MLFLOW_OPS_PORT"]
+    listening = guest(stack, f"ss -Hltn 'sport = :{port}'").split()
+    assert [word for word in listening if word.endswith(f":{port}")] == [f"127.0.0.1:{port}"]
+
+
+def test_deploy_printed_the_fingerprint_of_the_certificate_clients_are_told_to_trust(stack):
+    done = invoke(stack, "deploy")
+    cert = Path(stack["MLFLOW_TRACKING_SERVER_CERT_PATH"]).read_bytes()
+    digest = x509.load_pem_x509_certificate(cert).fingerprint(hashes.SHA256()).hex().upper()
+    fingerprint = ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+    assert f"self-signed certificate SHA-256 fingerprint: {fingerprint}" in done.stdout
+
+
+class Generated:
+    """``size`` bytes made chunk by chunk as they are read, never held at once, and hashed."""
+
+    def __init__(self, size: int, chunk: int = 1 << 20):
+        self.size, self.chunk, self.sent = size, chunk, 0
+        self.digest = hashlib.sha256()
+        self.block = os.urandom(chunk)
+
+    def __len__(self) -> int:  # lets requests send a Content-Length
+        return self.size
+
+    def read(self, _: int = -1) -> bytes:
+        if self.sent >= self.size:
+            return b""
+        # Each chunk differs, so no layer can shortcut a repeated block.
+        piece = (self.sent.to_bytes(8, "big") + self.block[8:])[: self.size - self.sent]
+        self.sent += len(piece)
+        self.digest.update(piece)
+        return piece
+
+
+def test_a_1_gb_artifact_makes_the_round_trip_through_the_proxy_intact(stack):
+    size = 1 << 30
+    body = Generated(size)
+    path = f"big/{os.getpid()}.bin"
+    url = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow-artifacts/artifacts/{path}"
+    options = {"auth": login(stack), "verify": trusted(stack), "timeout": 600}
+    started = time.monotonic()
+    try:
+        requests.put(url, data=body, **options).raise_for_status()
+        received, length = hashlib.sha256(), 0
+        with requests.get(url, stream=True, **options) as answer:
+            answer.raise_for_status()
+            for piece in answer.iter_content(1 << 20):
+                received.update(piece)
+                length += len(piece)
+    finally:
+        requests.delete(url, **options)
+    took = time.monotonic() - started
+    assert (length, received.hexdigest()) == (size, body.digest.hexdigest())
+    assert took < 600, f"the round trip took {took:.0f}s"
+
+
+def certificate_files(tmp_path: Path, *, expired: bool = False, mismatched: bool = False):
+    """A certificate and key for the guest, written to files; broken as asked."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    end = now - datetime.timedelta(days=1) if expired else now + datetime.timedelta(days=90)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=30))
+        .not_valid_after(end)
+        .sign(key, hashes.SHA256())
+    )
+    if mismatched:
+        key = ec.generate_private_key(ec.SECP256R1())
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        pytest.param({"mismatched": True}, "private key does not match", id="mismatched key"),
+        pytest.param({"expired": True}, "expired on", id="expired"),
+    ],
+)
+def test_a_bad_certificate_is_refused_and_nothing_changes_on_the_host(
+    stack, tmp_path, broken, message
+):
+    files = "/etc/mlflow/tls/* /etc/nginx/sites-available/mlflow /etc/systemd/system/mlflow.service"
+    before = guest(stack, f"sudo sha256sum {files}"), unit(stack)["MainPID"]
+    cert, key = certificate_files(tmp_path, **broken)
+    done = invoke(stack, "deploy", "--tls-cert", cert, "--tls-key", key, check=False)
+    assert done.returncode == 1
+    assert message in done.stderr + done.stdout
+    assert "hint:" in done.stderr + done.stdout
+    assert (guest(stack, f"sudo sha256sum {files}"), unit(stack)["MainPID"]) == before
+
+
+def test_a_tunnel_over_ssh_reaches_the_server_with_a_login(stack):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        local_port = sock.getsockname()[1]
+    tunnel = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "tunnel", "--local-port", str(local_port)],
+        cwd=ROOT,
+        env=stack,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{local_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = requests.post(
+                    f"{url}/api/2.0/mlflow/experiments/search",
+                    json={"max_results": 1},
+                    auth=login(stack),
+                    timeout=10,
+                )
+                break
+            except requests.ConnectionError:
+                assert tunnel.poll() is None, tunnel.communicate()
+                assert time.monotonic() < deadline, "the tunnel did not open"
+                time.sleep(0.5)
+        assert answer.status_code == 200, answer.text
+    finally:
+        os.kill(tunnel.pid, signal.SIGINT)  # as Ctrl-C would
+        out, err = tunnel.communicate(timeout=30)
+    assert f"export MLFLOW_TRACKING_URI={url}" in out, err
+
+
+def test_provision_private_opens_only_ssh_and_a_later_provision_opens_https_again(stack):
+    ec2 = boto3.client(
+        "ec2",
+        endpoint_url=stack["AWS_ENDPOINT_URL"],
+        region_name=stack["AWS_REGION"],
+        aws_access_key_id=stack["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=stack["AWS_SECRET_ACCESS_KEY"],
+    )
+
+    def opened():
+        groups = ec2.describe_security_groups(
+            Filters=[{"Name": "tag:mlflow-ops:stack", "Values": ["mlflow"]}]
+        )["SecurityGroups"]
+        return sorted(rule["FromPort"] for group in groups for rule in group["IpPermissions"])
+
+    invoke(stack, "provision", "--private")
+    assert opened() == [22]
+    invoke(stack, "provision")
+    assert opened() == sorted([22, int(stack["MLFLOW_OPS_HTTPS_PORT"])])
 
 
 def test_provision_run_again_creates_nothing(stack):
@@ -179,9 +361,12 @@ def test_the_admin_password_reaches_the_host_only_in_the_private_environment_fil
     assert password not in guest(stack, "sudo journalctl --no-pager")
 
 
-def test_sandbox_env_gives_the_login_once_the_server_has_one(stack, sandbox):
+def test_sandbox_env_gives_the_login_and_certificate_once_the_server_has_them(stack, sandbox):
     lines = exported(invoke(stack, "sandbox.env", "--state-dir", str(sandbox.state_dir)).stdout)
     assert login(lines) == login(stack)
+    assert lines["MLFLOW_TRACKING_URI"] == stack["MLFLOW_TRACKING_URI"]
+    certificate = Path(lines["MLFLOW_TRACKING_SERVER_CERT_PATH"]).read_text()
+    assert certificate == Path(stack["MLFLOW_TRACKING_SERVER_CERT_PATH"]).read_text()
 
 
 def test_a_teammate_logs_runs_with_only_what_client_env_prints_until_removed(stack):
