@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
+# Trust the system's certificate store, as pip does: behind a TLS-inspecting
+# proxy, uv's own bundle lacks the proxy's authority.
+export UV_NATIVE_TLS := 1
 
 .PHONY: demo demo-down test lint lock venv sandbox-deps
 

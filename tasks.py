@@ -296,7 +296,7 @@ def reproduce(c, run_id, dest=None):
 def sandbox_up(c, state_dir=None):
     """Start the local sandbox: a moto server and a Debian guest under systemd-nspawn."""
     box = sandbox.up(Path(state_dir or sandbox.DEFAULT_STATE_DIR))
-    console.print(f'sandbox ready; use it with: eval "$(invoke sandbox.env)"  ({box.machine})')
+    console.print(f'sandbox ready ({box.machine}); use it: eval "$(.venv/bin/invoke sandbox.env)"')
 
 
 @task(help={"state_dir": "where the sandbox keeps its state (default: .sandbox)"})

@@ -99,13 +99,15 @@ SETTINGS: dict[str, Spec] = {
         optional=True,
     ),
     "ssh_user": Spec(_text, "SSH user with sudo on the host"),
-    "ssh_key": Spec(_path, "private SSH key; its .pub file becomes the stack's key pair"),
+    "ssh_key": Spec(
+        _path, "private SSH key for the host (provision imports its .pub as the key pair)"
+    ),
     "ssh": Spec(
         _text,
         "act on this host instead of the stack's instance: user@address[:port]",
         optional=True,
     ),
-    "mlflow_version": Spec(_text, "MLflow version to install on the host"),
+    "mlflow_version": Spec(_text, "MLflow version the host runs (deploy installs it)"),
     "port": Spec(_integer, "port MLflow listens on, on the host's loopback only"),
     "https_port": Spec(_integer, "port nginx serves MLflow on over TLS"),
     "tls_cert": Spec(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,8 +20,11 @@ from rich.markup import escape
 
 from ops.errors import OpsError
 
-console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+# Off a terminal (CI logs, pipes) rich would assume 80 columns and cut the
+# tables' ids and hints into fragments; COLUMNS still wins where it is set.
+_WIDTH = shutil.get_terminal_size((120, 24)).columns
+console = Console(highlight=False, width=_WIDTH)
+errors = Console(stderr=True, highlight=False, width=_WIDTH)
 
 
 @contextlib.contextmanager

@@ -110,9 +110,8 @@ def status(env: dict[str, str]) -> tuple[int, dict[str, dict]]:
 
 def exported(output: str) -> dict[str, str]:
     """The variables of ``export NAME=VALUE`` lines, as a shell would read them."""
-    lines = (line for line in output.splitlines() if line.startswith("export "))
-    pairs = (shlex.split(line)[1].split("=", 1) for line in lines)
-    return dict(pairs)
+    lines = [line for line in output.splitlines() if line.startswith("export ")]
+    return dict(shlex.split(line)[1].split("=", 1) for line in lines)
 
 
 def login(env: dict[str, str]) -> tuple[str, str]:
