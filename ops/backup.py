@@ -30,9 +30,8 @@ from ops.aws import Aws
 from ops.config import Settings
 from ops.console import console, phase
 from ops.errors import OpsError
-from ops.target import Target, connect, locate, uses_aws
+from ops.target import Connector, Target, connect, locate, uses_aws
 
-Connector = Callable[[Settings, Target], Connection]
 MANIFEST = "manifest.json"
 _JOURNAL_HINT = f"see `sudo journalctl -u {host.BACKUP_SERVICE}` on the host"
 

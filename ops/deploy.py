@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
-from fabric import Connection
 
 from ops import health, host, logins, tls
 from ops.aws import Aws
 from ops.config import Settings
 from ops.console import console, note, phase
 from ops.errors import OpsError
-from ops.target import Target, connect, locate, uses_aws
+from ops.target import Connector, Target, connect, locate, uses_aws
 
 
 def release_for(
@@ -89,7 +86,7 @@ def deploy(
     settings: Settings,
     *,
     dry_run: bool = False,
-    connector: Callable[[Settings, Target], Connection] = connect,
+    connector: Connector = connect,
 ) -> Deployed:
     """Bring the stack's host to the configured release, then check it answers."""
     aws = Aws.connect(settings) if uses_aws(settings) else None

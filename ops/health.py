@@ -13,12 +13,10 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable
 
 import requests
 import tenacity
 from cryptography import x509
-from fabric import Connection
 from rich.table import Table
 
 from ops import backup as backups
@@ -28,7 +26,7 @@ from ops.config import ARTIFACT_PREFIX, Settings
 from ops.console import console
 from ops.errors import OpsError
 from ops.provision import describe
-from ops.target import Target, connect, locate, uses_aws
+from ops.target import Connector, Target, connect, locate, uses_aws
 
 HTTP_TIMEOUT = 30
 # Less free space than this where the database lives fails the disk check.
@@ -95,7 +93,7 @@ def _fail(name: str, error: Exception, hint: str | None = None) -> Check:
 def status(
     settings: Settings,
     *,
-    connector: Callable[[Settings, Target], Connection] = connect,
+    connector: Connector = connect,
 ) -> list[Check]:
     """Run every check; a check whose prerequisite failed is marked skipped."""
     checks: list[Check] = []

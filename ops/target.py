@@ -58,6 +58,10 @@ class Target:
         return tuple(dict.fromkeys([*allowed, "localhost:*", "127.0.0.1:*"]))
 
 
+# Opens a new SSH connection to a stack's host; tests and `fab -H` pass their own.
+Connector = Callable[[Settings, Target], Connection]
+
+
 def uses_aws(settings: Settings) -> bool:
     """Whether the stack needs AWS: for its instance, its bucket or its secrets."""
     return settings.ssh is None or settings.artifacts_destination is None or settings.auth
@@ -125,7 +129,7 @@ def connect(settings: Settings, target: Target) -> Connection:
     )
 
 
-def reconnect(c: Connection) -> Callable[[Settings, Target], Connection]:
+def reconnect(c: Connection) -> Connector:
     """A connector that opens new connections like ``c`` (for ``fab -H``)."""
 
     def connector(settings: Settings, target: Target) -> Connection:

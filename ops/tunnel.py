@@ -11,12 +11,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from fabric import Connection
-
 from ops.aws import Aws
 from ops.config import Settings
 from ops.console import console, export_lines
-from ops.target import Target, connect, locate, uses_aws
+from ops.target import Connector, connect, locate, uses_aws
 
 LOCAL_HOST = "127.0.0.1"
 
@@ -31,7 +29,7 @@ def tunnel(
     settings: Settings,
     local_port: int | None = None,
     *,
-    connector: Callable[[Settings, Target], Connection] = connect,
+    connector: Connector = connect,
     wait: Callable[[], None] = lambda: time.sleep(3600),
 ) -> None:
     """Forward ``local_port`` (default: a free one) to MLflow on the host until interrupted."""
