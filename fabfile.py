@@ -31,6 +31,7 @@ from ops.target import of_connection, reconnect
             "tls_cert",
             "tls_key",
             "workers",
+            "jobs",
             "artifacts_destination",
             "ca_bundle",
         ),
@@ -46,6 +47,7 @@ def deploy(
     tls_cert=None,
     tls_key=None,
     workers=None,
+    jobs=False,
     artifacts_destination=None,
     ca_bundle=None,
     dry_run=False,
@@ -59,6 +61,7 @@ def deploy(
         tls_cert=tls_cert,
         tls_key=tls_key,
         workers=workers,
+        jobs=jobs or None,  # not given: the setting decides
         artifacts_destination=artifacts_destination,
         ca_bundle=ca_bundle,
     )

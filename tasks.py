@@ -96,6 +96,7 @@ def provision(
             "tls_cert",
             "tls_key",
             "workers",
+            "jobs",
             "bucket",
             "artifacts_destination",
             "ca_bundle",
@@ -117,6 +118,7 @@ def deploy(
     tls_cert=None,
     tls_key=None,
     workers=None,
+    jobs=False,
     bucket=None,
     artifacts_destination=None,
     ca_bundle=None,
@@ -136,6 +138,7 @@ def deploy(
         tls_cert=tls_cert,
         tls_key=tls_key,
         workers=workers,
+        jobs=jobs or None,  # not given: the setting decides
         bucket=bucket,
         artifacts_destination=artifacts_destination,
         ca_bundle=ca_bundle,

@@ -118,6 +118,9 @@ SETTINGS: dict[str, Spec] = {
     "tls_key": Spec(_path, "private key (PEM) of tls_cert", optional=True),
     "private": Spec(parse_bool, "open only SSH: reach the server with `invoke tunnel`"),
     "workers": Spec(_integer, "number of MLflow server worker processes"),
+    "jobs": Spec(
+        parse_bool, "run MLflow's job runner (LLM judges, online scoring): about 1.3 GiB more"
+    ),
     "bucket": Spec(
         _text, "artifact bucket (default: mlflow-ops-STACK-ACCOUNT-REGION)", optional=True
     ),
@@ -162,6 +165,7 @@ class Settings:
     tls_key: Path | None
     private: bool
     workers: int
+    jobs: bool
     bucket: str | None
     artifacts_destination: str | None
     ca_bundle: Path | None

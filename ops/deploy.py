@@ -29,6 +29,7 @@ def release_for(
         mlflow_version=settings.mlflow_version,
         port=settings.port,
         workers=settings.workers,
+        jobs=settings.jobs,
         allowed_hosts=target.allowed_hosts,
         artifacts_destination=target.artifacts_destination,
         server_env=settings.server_env,

@@ -67,6 +67,12 @@ TOOLS_DIR = "/opt/mlflow-ops/tools"
 UV = f"{TOOLS_DIR}/bin/uv"
 UV_VERSION = "0.13.9"
 UV_CACHE = "/var/cache/mlflow-ops/uv"
+# Installed with its bytecode compiled: the server's user cannot write the
+# release, so without it every start would compile MLflow's modules again.
+INSTALL_OPTIONS = ("--compile-bytecode",)
+# MLflow's job runner (LLM judges, online scoring, trace archival) starts
+# eight more Python processes, about 1.3 GiB, more than a small instance has.
+JOBS_VARIABLE = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 PACKAGES = ("python3-venv",)
 PROXY_PACKAGES = ("nginx",)
 PROXY = "nginx"
@@ -105,6 +111,7 @@ class Release:
     server_env: dict[str, str]
     ca_bundle: str | None = None
     bind: str = "0.0.0.0"
+    jobs: bool = False
     backup_keep: int = 14
     backup_schedule: str = "daily"
     # With secrets, the server requires a login (MLflow's basic auth).
@@ -132,6 +139,11 @@ class Release:
         # depend on it by itself.
         mlflow = "mlflow[auth]" if self.auth else "mlflow"
         return (f"{mlflow}=={self.mlflow_version}", "boto3")
+
+    @property
+    def install_record(self) -> str:
+        """What the release's marker holds: when it differs, the release is installed again."""
+        return " ".join([*INSTALL_OPTIONS, *self.requirements])
 
     @property
     def release_name(self) -> str:
@@ -223,7 +235,7 @@ def server_command(release: Release) -> list[str]:
 
 def managed_files(release: Release) -> list[ManagedFile]:
     """Render every file the host gets, on this side, before connecting."""
-    environment = dict(release.server_env)
+    environment = {JOBS_VARIABLE: "true" if release.jobs else "false", **release.server_env}
     if release.ca_bundle is not None:
         environment.setdefault("AWS_CA_BUNDLE", CA_PATH)
     if release.secrets is not None:
@@ -382,8 +394,8 @@ def plan(release: Release, facts: dict) -> list[Step]:
 
     if facts["uv"] != UV_VERSION:
         steps.append(Step(f"install uv {UV_VERSION}", _install_uv(release)))
-    spec = " ".join(release.requirements)
-    if facts["releases"].get(release.release_name) != spec:
+    if facts["releases"].get(release.release_name) != release.install_record:
+        spec = " ".join(release.requirements)
         steps.append(Step(f"install {spec}", _install_release(release), restart=True))
 
     if facts["schema"] != release.mlflow_version:
@@ -483,11 +495,10 @@ def _install_release(release: Release) -> Callable[[Context], None]:
         sudo(c, ["mkdir", "-p", UV_CACHE])
         sudo(c, [*env, UV, "venv", "--quiet", "--clear", "--python", "/usr/bin/python3",
                  release.release_dir], echo=True)  # fmt: skip
-        sudo(c, [*env, UV, "pip", "install", "--quiet", "--python", python,
+        sudo(c, [*env, UV, "pip", "install", "--quiet", *INSTALL_OPTIONS, "--python", python,
                  *release.requirements], echo=True)  # fmt: skip
         marker = f"{release.release_dir}/{RELEASE_MARKER}"
-        spec = " ".join(release.requirements)
-        sudo(c, ["tee", marker], in_stream=_Input(spec + "\n"))
+        sudo(c, ["tee", marker], in_stream=_Input(release.install_record + "\n"))
 
     return action
 

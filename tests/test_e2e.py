@@ -411,6 +411,14 @@ def test_the_running_server_is_hardened_to_an_exposure_of_2_or_less(stack):
     assert exposure <= 2.0, report
 
 
+def test_the_server_runs_without_the_job_runner_from_compiled_bytecode(stack):
+    processes = guest(stack, "ps -u mlflow -o args=")
+    assert "uvicorn" in processes
+    assert "huey" not in processes and "_job_runner" not in processes, processes
+    site = "/opt/mlflow/current/lib/python3*/site-packages/mlflow/server"
+    assert guest(stack, f"find {site} -name '*.pyc' | head -1").strip()
+
+
 def test_a_second_deploy_restarts_nothing_and_is_quick(stack):
     before = unit(stack)
     started = time.monotonic()

@@ -29,7 +29,7 @@ def facts_of(release, **changes):
         "packages": {name: True for name in host.PACKAGES},
         "user": True,
         "files": {f.path: f.sha256 for f in host.managed_files(release)},
-        "releases": {release.release_name: " ".join(release.requirements)},
+        "releases": {release.release_name: release.install_record},
         "current": release.release_name,
         "uv": host.UV_VERSION,
         "schema": release.mlflow_version,
@@ -128,6 +128,28 @@ def test_a_new_version_is_installed_migrated_and_the_older_releases_pruned():
 def test_an_interrupted_install_is_redone():
     facts = facts_of(RELEASE, releases={})  # no marker: the install did not finish
     assert "install mlflow==3.17.2 boto3" in titles(host.plan(RELEASE, facts))
+
+
+def test_a_release_installed_without_its_bytecode_is_installed_again():
+    # A release the server's user cannot write must bring its bytecode, or
+    # every start compiles MLflow again.
+    facts = facts_of(RELEASE, releases={"venv-3.17.2": "mlflow==3.17.2 boto3"})
+    assert titles(host.plan(RELEASE, facts)) == ["install mlflow==3.17.2 boto3", "restart mlflow"]
+    assert "--compile-bytecode" in RELEASE.install_record
+
+
+def test_the_job_runner_is_off_unless_asked_for_and_turning_it_on_restarts_once():
+    def environment(release):
+        env_file = next(f for f in host.managed_files(release) if f.path == host.ENV_PATH)
+        return env_file.content.splitlines()
+
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in environment(RELEASE)
+    jobs = host.Release(**{**RELEASE.__dict__, "jobs": True})
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true" in environment(jobs)
+    assert titles(host.plan(jobs, facts_of(RELEASE))) == [
+        f"write {host.ENV_PATH}",
+        "restart mlflow",
+    ]
 
 
 def test_the_server_command_proxies_artifacts_and_allows_the_public_address():

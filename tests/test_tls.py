@@ -98,6 +98,7 @@ REQUIRED = {
     "https_port": 443,
     "private": False,
     "workers": 2,
+    "jobs": False,
     "server_env": {},
     "backup_keep": 14,
     "backup_schedule": "daily",
