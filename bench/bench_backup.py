@@ -6,7 +6,7 @@ database with MLflow's own schema, then times in one run, on one machine:
 
 - ours: ``ops/host_backup.py`` backing up into a directory (snapshot,
   integrity check, row counts, gzip, SHA-256, manifest) and restoring from it
-  (SHA-256, decompress, quick check, swap), with no server to stop;
+  (SHA-256, decompress, quick check, written to disk, swap), with no server to stop;
 - by hand: ``sqlite3 DB .backup`` then ``gzip``; and ``gunzip`` then a copy.
 
 It prints each time, the ratio of ours to by-hand, and the sizes. The aim is a

@@ -272,12 +272,23 @@ def unpack(source, target):
 
     Returns the SHA-256 of ``source`` and of what it decompressed to, or
     None for the latter when it does not decompress whole: hashing goes on
-    to the end, so a damaged file is still named by its checksum.
+    to the end, so a damaged file is still named by its checksum. Each chunk
+    is hashed and written while the next one decompresses, on two cores.
     """
     packed, raw = hashlib.sha256(), hashlib.sha256()
     inflate = zlib.decompressobj(31)  # 31: a gzip container
     broken = False
-    with open(source, "rb") as reader, open(target, "wb") as writer:
+
+    def keep(out):
+        raw.update(out)
+        writer.write(out)
+
+    with (
+        open(source, "rb") as reader,
+        open(target, "wb") as writer,
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        kept = pool.submit(keep, b"")
         while chunk := reader.read(CHUNK):
             packed.update(chunk)
             if broken:
@@ -287,14 +298,22 @@ def unpack(source, target):
             except zlib.error:
                 broken = True
                 continue
-            raw.update(out)
-            writer.write(out)
+            kept.result()  # in order, and one chunk in hand at most
+            kept = pool.submit(keep, out)
+        kept.result()
         if not broken:
-            out = inflate.flush()
-            raw.update(out)
-            writer.write(out)
+            keep(inflate.flush())
     whole = not broken and inflate.eof
     return packed.hexdigest(), raw.hexdigest() if whole else None
+
+
+def flush(path):
+    """Wait until ``path`` is on the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def mlflow_version():
@@ -337,15 +356,19 @@ def staging(data_dir, name):
 # backup
 
 
+def utc_stamp(seconds):
+    """A UTC time to the millisecond, in a form that sorts by age: 20261203T154053.826Z."""
+    millis = int(seconds * 1000) % 1000
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
 def backup(data_dir, store, keep, level=LEVEL, now=time.time):
     if keep < 1:
         raise Failed("--keep must be at least 1: the backup just taken is always kept")
     if not os.path.exists(os.path.join(data_dir, REQUIRED)):
         raise Failed(f"no database at {os.path.join(data_dir, REQUIRED)}")
     started = now()
-    millis = int(started * 1000) % 1000
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
-    backup_id = f"{stamp}.{millis:03d}Z-{secrets.token_hex(2)}"
+    backup_id = f"{utc_stamp(started)}-{secrets.token_hex(2)}"
     with locked(data_dir), staging(data_dir, f".backup-{backup_id}") as work:
         files, rows, revision = [], {}, None
         for name in DATABASES:
@@ -466,7 +489,12 @@ def fetch(store, manifest, work):
             raise Failed(f"{entry['object']} of backup {backup_id} does not decompress")
         if raw_sha != entry["sha256"]:
             raise Failed(f"{entry['name']} of backup {backup_id} fails its SHA-256 check")
-        revision, rows = inspect(restored, integrity="quick_check")
+        # Written to the disk while SQLite checks it: the restored file must
+        # be there for good before it replaces the live one.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            flushed = pool.submit(flush, restored)
+            revision, rows = inspect(restored, integrity="quick_check")
+            flushed.result()
         if rows != entry["rows"] or revision != entry["schema_revision"]:
             raise Failed(f"{entry['name']} of backup {backup_id} does not match its manifest")
         say(f"{entry['name']}: SHA-256 and integrity ok")
@@ -525,10 +553,14 @@ def keep_pre_restore(data_dir, names, stamp):
                     os.link(live, kept)
                 except OSError:
                     shutil.copy2(live, kept)
+    return folder
+
+
+def prune_pre_restore(data_dir):
+    """Remove all but the newest pre-restore copies, once a restore has succeeded."""
     older = sorted(e for e in os.listdir(data_dir) if e.startswith("pre-restore-"))
     for stale in older[:-PRE_RESTORE_KEPT]:
         shutil.rmtree(os.path.join(data_dir, stale), ignore_errors=True)
-    return folder
 
 
 def put_back(data_dir, names, folder):
@@ -589,8 +621,7 @@ def restore(data_dir, store, wanted, *, service=None, health_url=None, health_ti
         if service:
             say(f"stopping {service}")
             systemctl("stop", service)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        folder = keep_pre_restore(data_dir, names, stamp)
+        folder = keep_pre_restore(data_dir, names, utc_stamp(time.time()))
         try:
             for name in names:
                 target = os.path.join(data_dir, name)
@@ -615,6 +646,7 @@ def restore(data_dir, store, wanted, *, service=None, health_url=None, health_ti
                 + (f" and {service} started again" if service else "")
             ) from None
 
+    prune_pre_restore(data_dir)
     return {"ok": True, "id": backup_id, "pre_restore": folder, "migrated": migrated,
             "rows": rows, "manifest": manifest}  # fmt: skip
 

@@ -156,6 +156,19 @@ def test_restore_brings_back_the_backup_and_keeps_the_live_database_aside(tmp_pa
     assert "after the backup" in run_ids(Path(restored["pre_restore"]) / "mlflow.db")
 
 
+def test_the_three_newest_pre_restore_copies_are_kept_and_a_failure_prunes_none(tmp_path):
+    make_store(tmp_path / "data", runs=1)
+    take(tmp_path / "data", tmp_path / "store")
+    folders = [restore(tmp_path / "data", tmp_path / "store")["pre_restore"] for _ in range(4)]
+    kept = sorted(str(p) for p in (tmp_path / "data").glob("pre-restore-*"))
+    assert kept == folders[1:]
+
+    with pytest.raises(host_backup.Failed):
+        restore(tmp_path / "data", tmp_path / "store", health_url="http://127.0.0.1:9/",
+                health_timeout=0.2)  # fmt: skip
+    assert len(list((tmp_path / "data").glob("pre-restore-*"))) == 4
+
+
 def damage_file(store: Path, backup_id: str) -> None:
     packed = store / backup_id / "mlflow.db.gz"
     data = bytearray(packed.read_bytes())
