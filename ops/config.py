@@ -338,3 +338,11 @@ def parse_host(host: str, default_user: str) -> tuple[str, str, int]:
             f"malformed host {host!r}", hint="write it as user@address or user@address:port"
         )
     return user, address, port
+
+
+def user_dir() -> Path:
+    """The operator's own mlflow-ops files: ``$XDG_CONFIG_HOME/mlflow-ops``."""
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    # The XDG specification says to ignore a relative path here.
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".config"
+    return root / "mlflow-ops"

@@ -39,7 +39,7 @@ import tenacity
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ops import logins
+from ops import hostkeys, logins
 from ops.aws import Aws, AwsError, tag_dict
 from ops.config import (
     ARTIFACT_PREFIX,
@@ -1112,6 +1112,8 @@ def _destroy_addresses(aws: Aws, settings: Settings) -> Outcome:
         if address.get("AssociationId"):
             aws.disassociate_address(address["AssociationId"])
         aws.release_address(address["AllocationId"])
+        # Another machine may get the address next: its host key will differ.
+        hostkeys.forget(address["PublicIp"], 22)
     return Outcome(ADDRESS, ", ".join(a["PublicIp"] for a in addresses), REMOVED, "released")
 
 

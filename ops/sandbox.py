@@ -60,6 +60,7 @@ import boto3
 import botocore.session
 import tenacity
 
+from ops import hostkeys
 from ops.console import export_lines, note, phase
 from ops.errors import OpsError
 
@@ -354,6 +355,8 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> None:
             note("stopped" if stopped else "was not running")
         with phase(f"Remove {state_dir}"):
             _remove_tree(state_dir)
+            # The next guest makes new host keys and may get the same port.
+            hostkeys.forget("127.0.0.1", sandbox.ssh_port)
             note("kept the root filesystem cache")
 
 

@@ -15,6 +15,7 @@ from fabric import Config, Connection
 from ops.aws import Aws
 from ops.config import ARTIFACT_PREFIX, Settings
 from ops.errors import OpsError
+from ops.hostkeys import open_pinned
 from ops.provision import describe, ssh_address
 
 
@@ -115,7 +116,7 @@ def connect(settings: Settings, target: Target) -> Connection:
             f"SSH key {key} not found",
             hint=f"create one with `ssh-keygen -t ed25519 -f {key}` or set --ssh-key",
         )
-    return Connection(
+    connection = Connection(
         target.ssh_host,
         user=target.ssh_user,
         port=target.ssh_port,
@@ -127,14 +128,17 @@ def connect(settings: Settings, target: Target) -> Connection:
             "allow_agent": False,
         },
     )
+    return open_pinned(connection)
 
 
 def reconnect(c: Connection) -> Connector:
     """A connector that opens new connections like ``c`` (for ``fab -H``)."""
 
     def connector(settings: Settings, target: Target) -> Connection:
-        return Connection(
-            c.host, user=c.user, port=c.port, config=c.config, connect_kwargs=c.connect_kwargs
+        return open_pinned(
+            Connection(
+                c.host, user=c.user, port=c.port, config=c.config, connect_kwargs=c.connect_kwargs
+            )
         )
 
     return connector

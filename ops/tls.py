@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 import requests
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ops.aws import Aws
-from ops.config import Settings
+from ops.config import Settings, user_dir
 from ops.errors import OpsError
 
 SELF_SIGNED_DAYS = 825
@@ -210,9 +209,7 @@ def for_deploy(settings: Settings, aws: Aws | None, names: list[str]) -> Certifi
 
 def ca_file(settings: Settings) -> Path:
     """Where ``client-env`` writes a self-signed certificate for clients to trust."""
-    base = os.environ.get("XDG_CONFIG_HOME", "")
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".config"
-    return root / "mlflow-ops" / settings.stack / "ca.pem"
+    return user_dir() / settings.stack / "ca.pem"
 
 
 def write_ca_file(settings: Settings, certificate: Certificate) -> Path:

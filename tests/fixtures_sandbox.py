@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,10 +41,10 @@ def sandbox_env(
     """The environment for a subprocess that works against the sandbox.
 
     Inherited ``AWS_*`` and ``MLFLOW_*`` variables are dropped, and ``HOME`` is
-    an empty directory, so nothing reads the developer's ``~/.ssh`` or
-    ``~/.aws``. ``XDG_CACHE_HOME`` keeps pointing at the real caches, so a
-    subprocess reuses the root filesystem and the wheels instead of fetching
-    them again.
+    an empty directory holding the configuration too, so nothing reads the
+    developer's ``~/.ssh``, ``~/.aws`` or pinned host keys. ``XDG_CACHE_HOME``
+    keeps pointing at the real caches, so a subprocess reuses the root
+    filesystem and the wheels instead of fetching them again.
     """
     env = {
         name: value
@@ -52,5 +53,6 @@ def sandbox_env(
     }
     env.update(ops.sandbox.env_vars(sandbox))
     env["HOME"] = str(tmp_path_factory.mktemp("home"))
+    env["XDG_CONFIG_HOME"] = str(Path(env["HOME"]) / ".config")
     env["XDG_CACHE_HOME"] = str(ops.sandbox.cache_home().parent)
     return env

@@ -411,6 +411,33 @@ def test_the_running_server_is_hardened_to_an_exposure_of_2_or_less(stack):
     assert exposure <= 2.0, report
 
 
+def test_the_hosts_key_is_pinned_and_a_host_with_another_key_is_refused(stack):
+    known = Path(stack["XDG_CONFIG_HOME"]) / "mlflow-ops" / "known_hosts"
+    name = "[127.0.0.1]:" + stack["MLFLOW_OPS_SSH"].rsplit(":", 1)[1]
+    pinned = [line.split()[1:3] for line in known.read_text().splitlines() if name in line]
+    host_keys = guest(stack, "cat /etc/ssh/ssh_host_*_key.pub").splitlines()
+    assert len(pinned) == 1 and pinned[0] in [line.split()[:2] for line in host_keys]
+
+    pinned_file = known.read_text()
+    impostor = Path(stack["MLFLOW_OPS_SSH_KEY"] + ".pub").read_text().split()[:2]
+    known.write_text(f"{name} {' '.join(impostor)}\n")
+    try:
+        refused = invoke(stack, "deploy", check=False)
+        assert refused.returncode == 1
+        assert f"the SSH host key of {name} is not the one pinned" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        code, checks = status(stack)
+        assert code == 1 and checks["ssh"]["outcome"] == "FAILED"
+
+        # What the hint says to do once the machine is known to be new.
+        forget = refused.stderr.split("forget the old key with `", 1)[1].split("`", 1)[0]
+        subprocess.run(forget, shell=True, check=True, capture_output=True)
+        assert status(stack)[0] == 0
+        assert known.read_text().count(name) == 1
+    finally:
+        known.write_text(pinned_file)
+
+
 def test_the_server_runs_without_the_job_runner_from_compiled_bytecode(stack):
     processes = guest(stack, "ps -u mlflow -o args=")
     assert "uvicorn" in processes

@@ -32,7 +32,7 @@ import boto3
 import pytest
 import yaml
 
-from ops import logins, provision
+from ops import hostkeys, logins, provision
 from ops.aws import Aws, AwsError
 from ops.config import PROJECT_CONFIG, STACK_TAG, Settings, resolve
 from ops.errors import OpsError
@@ -638,13 +638,22 @@ def test_a_named_bucket_is_used_and_named_so(make_settings):
 # destroy
 
 
-def test_destroy_removes_everything_but_the_data_and_says_it_kept_it(make_settings, capsys):
+def test_destroy_removes_everything_but_the_data_and_says_it_kept_it(
+    make_settings, throwaway_key, capsys
+):
     settings = make_settings()
     run(settings)
     logins.ensure(settings, Aws.connect(settings))  # as the first deploy does
 
+    # The operator has reached the instance: its host key is pinned.
+    address = provision.describe(settings).public_address
+    known = hostkeys.known_hosts()
+    known.parent.mkdir(parents=True)
+    known.write_text(f"{address} {throwaway_key.with_suffix('.pub').read_text()}")
+
     result = provision.destroy(settings, sleep=Sleeps())
 
+    assert address not in known.read_text()  # the next machine at this address is met as new
     assert {o.resource: o.action for o in result.outcomes} == {
         **dict.fromkeys(provision.RESOURCES, provision.REMOVED),
         provision.BUCKET: provision.KEPT,
