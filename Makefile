@@ -40,9 +40,8 @@ demo: venv sandbox-deps
 	$(BIN)/invoke status; \
 	echo; \
 	echo "MLflow is running at $$MLFLOW_TRACKING_URI (user: $$MLFLOW_TRACKING_USERNAME)"; \
-	echo "Point a shell at it:  eval \"\$$($(BIN)/invoke sandbox.env)\""; \
-	echo "Then its password:    $(BIN)/invoke client-env"; \
-	echo "Tear it all down:     make demo-down"
+	echo "Point a shell at it (URL, login, certificate):  eval \"\$$($(BIN)/invoke sandbox.env)\""; \
+	echo "Tear it all down:  make demo-down"
 
 demo-down: venv
 	$(BIN)/invoke sandbox.down

@@ -11,15 +11,19 @@ does the stack's self-signed certificate: without AWS, give your own with
 ``--tls-cert`` and ``--tls-key``.
 """
 
+import functools
 import json
 
-from fabric import task
+import fabric
 from invoke import Exit
 
 from ops import config, health
 from ops import deploy as deploying
 from ops.console import console, reports_errors
 from ops.target import of_connection, reconnect
+
+# Long names only: fab's own -h (help) and -H (host) must not be shadowed.
+task = functools.partial(fabric.task, auto_shortflags=False)
 
 
 @task(

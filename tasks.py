@@ -279,7 +279,7 @@ def destroy(c, stack=None, region=None, yes=False, delete_data=False):
 
 @task(
     help={
-        "run_id": "the MLflow run to rebuild",
+        "run_id": "the MLflow run to rebuild (or give it first: reproduce RUN_ID)",
         "dest": "directory for the rebuilt tree (absent or empty)",
     }
 )
@@ -358,7 +358,7 @@ def tunnel(c, stack=None, region=None, host=None, ssh_user=None, ssh_key=None, p
 @task(
     help={
         **STACK,
-        "name": "the teammate's user name",
+        "name": "the teammate's user name (or give it first: users.add NAME)",
         "permission": "what they may do with every experiment and model: READ, EDIT or MANAGE",
     }
 )
@@ -371,7 +371,7 @@ def users_add(c, name, permission="EDIT", stack=None, region=None):
                   f"invoke client-env --user {name}")  # fmt: skip
 
 
-@task(help={**STACK, "name": "the teammate's user name"})
+@task(help={**STACK, "name": "the teammate's user name (or give it first: users.remove NAME)"})
 @reports_errors
 def users_remove(c, name, stack=None, region=None):
     """Remove a teammate's login and its stored password."""

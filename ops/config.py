@@ -99,9 +99,7 @@ SETTINGS: dict[str, Spec] = {
         optional=True,
     ),
     "ssh_user": Spec(_text, "SSH user with sudo on the host"),
-    "ssh_key": Spec(
-        _path, "private SSH key for the host (provision imports its .pub as the key pair)"
-    ),
+    "ssh_key": Spec(_path, "private SSH key for the host; its .pub is the stack's key pair"),
     "ssh": Spec(
         _text,
         "act on this host instead of the stack's instance: user@address[:port]",

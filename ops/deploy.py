@@ -67,7 +67,7 @@ def certificate(
     """The certificate to serve, checked; a dry run stores no new self-signed one."""
     if dry_run and settings.tls_cert is None and aws is not None:
         return tls.stored(settings, aws) or tls.generate(target.tls_names)
-    return tls.for_deploy(settings, aws, target.tls_names)
+    return tls.for_deploy(settings, aws, target.tls_names, target.public_address)
 
 
 @dataclasses.dataclass(frozen=True)

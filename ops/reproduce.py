@@ -104,6 +104,7 @@ class Result:
             lines.append(f"  parameters: {values}")
         where = self.dest / self.cwd if self.cwd else self.dest
         lines.append(f"  run it again: cd {shlex.quote(str(where))} && {self.command}")
+        lines.append("  with the packages the run had: its artifact environment/requirements.txt")
         if self.how == "worktree":
             lines.append(
                 f"  remove it with: git worktree remove --force {shlex.quote(str(self.dest))}"
@@ -268,9 +269,23 @@ def _rebuild(run, record: Path, state: dict, local, target: Path, how: str) -> R
         rebuilt_hash=rebuilt_hash,
         differences=differences,
         params=dict(run.data.params),
-        command=state.get("command", ""),
+        command=_command(state),
         cwd=state.get("cwd"),
     )
+
+
+def _command(state: dict) -> str:
+    """The recorded command line, its interpreter named ``python``.
+
+    The interpreter the run named (often a virtualenv inside the old tree)
+    need not exist beside the rebuilt one.
+    """
+    argv = state.get("argv")
+    if not argv:
+        return state.get("command", "")
+    if Path(argv[0]).name.startswith("python"):
+        argv = ["python", *argv[1:]]
+    return shlex.join(argv)
 
 
 def _restore(entry: UntrackedFile, record: Path, local: Path | None, target: Path) -> bool:

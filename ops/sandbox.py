@@ -67,6 +67,7 @@ from ops.errors import OpsError
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO / ".sandbox"
 STATE_FILE = "sandbox.json"
+STACK = "sandbox"
 
 # What debootstrap installs. These and CUSTOMISATION_VERSION make the cache key:
 # bump the version whenever ``_customise`` changes, so old caches are not reused.
@@ -247,6 +248,9 @@ def env_vars(sandbox: Sandbox) -> dict[str, str]:
         # Point boto3 away from the developer's own AWS configuration.
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        # A stack of its own, so its certificate and secrets never stand in
+        # for those of a real stack with the default name.
+        "MLFLOW_OPS_STACK": STACK,
         "MLFLOW_OPS_SSH": sandbox.ssh_target,
         "MLFLOW_OPS_SSH_KEY": str(sandbox.key_path),
         "MLFLOW_OPS_AMI": sandbox.ami_id or "",

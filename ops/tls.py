@@ -11,8 +11,9 @@ clients to verify the server with::
 
 Certificate and key share one parameter so that two deploys racing to create
 them can never end up with a certificate from one and a key from the other.
-The self-signed certificate names the address the stack had when it was made;
-``invoke destroy --delete-data`` forgets it with the other secrets.
+The self-signed certificate names the stack's public address; a deploy that
+finds the address changed (a stack destroyed and provisioned again) makes a
+new one. ``invoke destroy --delete-data`` forgets it with the other secrets.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from ops.aws import Aws
 from ops.config import Settings, user_dir
+from ops.console import note
 from ops.errors import OpsError
 
 SELF_SIGNED_DAYS = 825
@@ -64,6 +66,15 @@ class Certificate:
     @property
     def not_after(self) -> datetime.datetime:
         return self.leaf.not_valid_after_utc
+
+    @property
+    def names(self) -> list[str]:
+        """The addresses and DNS names the certificate is valid for."""
+        try:
+            extension = self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            return []
+        return [str(name.value) for name in extension.value]
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -183,9 +194,22 @@ def stored(settings: Settings, aws: Aws) -> Certificate | None:
     return _split(text) if text else None
 
 
-def ensure_self_signed(settings: Settings, aws: Aws, names: list[str]) -> Certificate:
-    """The stack's self-signed certificate, generated and stored by the first deploy."""
+def ensure_self_signed(
+    settings: Settings, aws: Aws, names: list[str], address: str | None = None
+) -> Certificate:
+    """The stack's self-signed certificate, generated and stored by the first deploy.
+
+    A stored certificate that does not name ``address``, the stack's public
+    address, is replaced: the stack was provisioned again at another one.
+    """
     found = stored(settings, aws)
+    if found is not None and address is not None and address not in found.names:
+        note(
+            f"the certificate names {', '.join(found.names)}, not {address}: making a new one "
+            "(clients need `invoke client-env` again)"
+        )
+        aws.delete_parameter(parameter(settings))
+        found = None
     if found is None:
         fresh = generate(names)
         # Store first, then read back: a teammate's deploy at the same moment
@@ -195,7 +219,9 @@ def ensure_self_signed(settings: Settings, aws: Aws, names: list[str]) -> Certif
     return check(found, source=f"the stack's self-signed certificate ({parameter(settings)})")
 
 
-def for_deploy(settings: Settings, aws: Aws | None, names: list[str]) -> Certificate:
+def for_deploy(
+    settings: Settings, aws: Aws | None, names: list[str], address: str | None = None
+) -> Certificate:
     """The certificate the host should serve: the user's, else the stack's self-signed one."""
     if settings.tls_cert is not None and settings.tls_key is not None:
         return load_given(settings.tls_cert, settings.tls_key)
@@ -204,7 +230,7 @@ def for_deploy(settings: Settings, aws: Aws | None, names: list[str]) -> Certifi
             "a self-signed certificate is kept in SSM, and no AWS account is configured",
             hint="give tls_cert and tls_key, or AWS credentials for the stack",
         )
-    return ensure_self_signed(settings, aws, names)
+    return ensure_self_signed(settings, aws, names, address)
 
 
 def ca_file(settings: Settings) -> Path:

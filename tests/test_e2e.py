@@ -295,7 +295,7 @@ def test_provision_private_opens_only_ssh_and_a_later_provision_opens_https_agai
 
     def opened():
         groups = ec2.describe_security_groups(
-            Filters=[{"Name": "tag:mlflow-ops:stack", "Values": ["mlflow"]}]
+            Filters=[{"Name": "tag:mlflow-ops:stack", "Values": [stack["MLFLOW_OPS_STACK"]]}]
         )["SecurityGroups"]
         return sorted(rule["FromPort"] for group in groups for rule in group["IpPermissions"])
 

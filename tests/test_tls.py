@@ -68,12 +68,23 @@ def test_the_key_never_shows_in_a_repr():
 def test_the_first_deploy_stores_one_self_signed_certificate_that_later_ones_reuse(moto_env):
     settings = resolve(file_values=None, env={}, args={**REQUIRED, "stack": "tls"})
     aws = Aws.connect(settings)
-    first = tls.ensure_self_signed(settings, aws, NAMES)
-    again = tls.ensure_self_signed(settings, aws, ["198.51.100.1"])
+    first = tls.ensure_self_signed(settings, aws, NAMES, NAMES[0])
+    again = tls.ensure_self_signed(settings, aws, ["198.51.100.1"], NAMES[0])
     assert again.fingerprint == first.fingerprint
     assert again.key_pem == first.key_pem
     stored = aws.client("ssm").get_parameter(Name="/mlflow-ops/tls/tls")["Parameter"]
     assert stored["Type"] == "SecureString"
+
+
+def test_a_stack_provisioned_again_at_another_address_gets_a_new_certificate(moto_env, capsys):
+    settings = resolve(file_values=None, env={}, args={**REQUIRED, "stack": "tls"})
+    aws = Aws.connect(settings)
+    old = tls.ensure_self_signed(settings, aws, NAMES, NAMES[0])
+    new = tls.ensure_self_signed(settings, aws, ["198.51.100.1", "localhost"], "198.51.100.1")
+    assert new.fingerprint != old.fingerprint
+    assert new.names == ["198.51.100.1", "localhost"]
+    assert tls.stored(settings, aws).fingerprint == new.fingerprint
+    assert "invoke client-env" in capsys.readouterr().out
 
 
 def test_clients_are_told_to_trust_the_stored_certificate(moto_env, tmp_path, monkeypatch):
