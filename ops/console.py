@@ -22,9 +22,10 @@ from ops.errors import OpsError
 
 # Off a terminal (CI logs, pipes) rich would assume 80 columns and cut the
 # tables' ids and hints into fragments; COLUMNS still wins where it is set.
+# No emoji codes: a fingerprint's ":AB:" or ":CD:" must print as written.
 _WIDTH = shutil.get_terminal_size((120, 24)).columns
-console = Console(highlight=False, width=_WIDTH)
-errors = Console(stderr=True, highlight=False, width=_WIDTH)
+console = Console(highlight=False, emoji=False, width=_WIDTH)
+errors = Console(stderr=True, highlight=False, emoji=False, width=_WIDTH)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from cryptography import x509
 from ops import health, host, tls
 from ops.aws import Aws
 from ops.config import resolve
+from ops.console import console
 from ops.errors import OpsError
 from tests.test_host import RELEASE, facts_of, titles
 
@@ -215,3 +216,10 @@ def test_the_exposure_check_passes_at_2_or_less(level, passed):
 
 def test_the_exposure_check_fails_when_systemd_gives_no_level():
     assert health.exposure_check("Unit mlflow.service not found.").passed is False
+
+
+def test_a_fingerprint_prints_as_written_and_never_as_emoji():
+    # rich would turn ":AB:" and ":CD:" into emoji, silently corrupting it.
+    with console.capture() as captured:
+        console.print("SHA-256 fingerprint: 59:AB:A9:F4:CD:6C")
+    assert captured.get().strip() == "SHA-256 fingerprint: 59:AB:A9:F4:CD:6C"
