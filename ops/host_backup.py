@@ -288,7 +288,7 @@ def unpack(source, target):
         open(target, "wb") as writer,
         concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
     ):
-        kept = pool.submit(keep, b"")
+        kept = pool.submit(keep, b"")  # so that there is always a last chunk to wait for
         while chunk := reader.read(CHUNK):
             packed.update(chunk)
             if broken:
