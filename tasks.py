@@ -194,9 +194,13 @@ def status(
         print(json.dumps([check.as_dict() for check in checks], indent=2))
     else:
         health.show(checks)
-    failed = [check.name for check in checks if check.passed is not True]
-    if failed:
-        raise Exit(f"status: not healthy: {', '.join(failed)}", code=1)
+    failed = [check.name for check in checks if check.passed is False]
+    skipped = [check.name for check in checks if check.passed is None]
+    if failed or skipped:
+        summary = f"failed: {', '.join(failed)}" if failed else ""
+        if skipped:
+            summary += f"{'; ' if failed else ''}skipped: {', '.join(skipped)}"
+        raise Exit(f"status: not healthy ({summary})", code=1)
 
 
 @task(

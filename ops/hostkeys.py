@@ -16,7 +16,7 @@ from paramiko.hostkeys import HostKeys
 from paramiko.ssh_exception import AuthenticationException, BadHostKeyException, SSHException
 
 from ops.config import user_dir
-from ops.console import note
+from ops.console import console
 from ops.errors import OpsError
 
 
@@ -30,7 +30,10 @@ class _PinOnFirstUse(AutoAddPolicy):
 
     def missing_host_key(self, client, hostname, key):
         super().missing_host_key(client, hostname, key)
-        note(f"first connection to {hostname}: pinned its host key {key.fingerprint}")
+        console.print(
+            f"  first connection to {hostname}: pinned its host key {key.fingerprint}",
+            soft_wrap=True,
+        )
 
 
 def open_pinned(connection: Connection) -> Connection:
@@ -48,10 +51,11 @@ def open_pinned(connection: Connection) -> Connection:
     login = f"ssh -p {connection.port} {connection.user}@{connection.host}"
     try:
         connection.open()
-    except BadHostKeyException:
+    except BadHostKeyException as exc:
         raise OpsError(
-            f"the SSH host key of {where} is not the one pinned in {path}: another machine "
-            "answers at this address, or the instance was replaced",
+            f"the SSH host key of {where} is {exc.key.fingerprint}, not the "
+            f"{exc.expected_key.fingerprint} pinned in {path}: another machine answers at this "
+            "address, or the instance was replaced",
             hint=f"if it was replaced, forget the old key with `ssh-keygen -R '{where}' -f {path}`",
         ) from None
     except AuthenticationException:

@@ -61,6 +61,7 @@ import botocore.session
 import tenacity
 
 from ops import hostkeys
+from ops.config import user_dir
 from ops.console import export_lines, note, phase
 from ops.errors import OpsError
 
@@ -361,6 +362,8 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> None:
             _remove_tree(state_dir)
             # The next guest makes new host keys and may get the same port.
             hostkeys.forget("127.0.0.1", sandbox.ssh_port)
+            # And the sandbox stack's certificate, which clients were given.
+            shutil.rmtree(user_dir() / STACK, ignore_errors=True)
             note("kept the root filesystem cache")
 
 

@@ -25,12 +25,15 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ops.sandbox.Sa
     except OpsError as exc:
         pytest.skip(f"this machine cannot run the sandbox: {exc.message}")
     state_dir = tmp_path_factory.mktemp("sandbox")
-    try:
-        yield ops.sandbox.up(state_dir)
-    finally:
-        recorded = ops.sandbox.load(state_dir)
-        started = recorded.processes() if recorded else []
-        ops.sandbox.down(state_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        # down() forgets the guest's host key and certificate: in files of the session's own.
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+        try:
+            yield ops.sandbox.up(state_dir)
+        finally:
+            recorded = ops.sandbox.load(state_dir)
+            started = recorded.processes() if recorded else []
+            ops.sandbox.down(state_dir)
     assert [process for process in started if process.alive()] == []
 
 
