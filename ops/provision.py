@@ -997,7 +997,8 @@ def provision(
     """Plan the stack, print the plan, and apply it unless ``dry_run``."""
     aws = aws or Aws.connect(settings)
     the_plan = plan(settings, aws)
-    the_plan.show()
+    if the_plan.changes or dry_run:  # else the summary after it says all there is
+        the_plan.show()
     if dry_run:
         console.print("dry run: nothing was created or changed")
         return the_plan
