@@ -16,7 +16,7 @@ from paramiko.hostkeys import HostKeys
 from paramiko.ssh_exception import AuthenticationException, BadHostKeyException, SSHException
 
 from ops.config import user_dir
-from ops.console import console
+from ops.console import errors
 from ops.errors import OpsError
 
 
@@ -30,7 +30,8 @@ class _PinOnFirstUse(AutoAddPolicy):
 
     def missing_host_key(self, client, hostname, key):
         super().missing_host_key(client, hostname, key)
-        console.print(
+        # On standard error, as ssh says it: standard output may be JSON.
+        errors.print(
             f"  first connection to {hostname}: pinned its host key {key.fingerprint}",
             soft_wrap=True,
         )

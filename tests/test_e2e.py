@@ -437,7 +437,7 @@ def test_the_hosts_key_is_pinned_and_a_host_with_another_key_is_refused(stack):
         # What the hint says to do once the machine is known to be new.
         forget = refused.stderr.split("forget the old key with `", 1)[1].split("`", 1)[0]
         subprocess.run(forget, shell=True, check=True, capture_output=True)
-        assert status(stack)[0] == 0
+        assert status(stack)[0] == 0  # the JSON on standard output, the new pin on error
         assert known.read_text().count(name) == 1
     finally:
         known.write_text(pinned_file)
