@@ -12,7 +12,7 @@ costs one SSH round trip.
 
 On the host::
 
-    /opt/mlflow/venv-<version>     one virtualenv per MLflow release
+    /opt/mlflow/venv-<version>-<hash>  one virtualenv per release, never changed once made
     /opt/mlflow/current            symlink to the release the unit runs
     /opt/mlflow-ops/tools          uv, which installs the releases
     /etc/mlflow/mlflow.env         the server's environment (0600, root)
@@ -147,7 +147,10 @@ class Release:
 
     @property
     def release_name(self) -> str:
-        return f"venv-{self.mlflow_version}"
+        # Named after what is installed in it, so a release is never changed
+        # in place: new options or packages make a new one beside the running one.
+        digest = hashlib.sha256(self.install_record.encode()).hexdigest()[:8]
+        return f"venv-{self.mlflow_version}-{digest}"
 
     @property
     def release_dir(self) -> str:

@@ -70,7 +70,7 @@ def test_a_fresh_host_gets_every_step_in_order():
         f"install uv {host.UV_VERSION}",
         "install mlflow==3.17.2 boto3",
         f"migrate {host.DB_PATH}",
-        "switch to venv-3.17.2",
+        f"switch to {RELEASE.release_name}",
         "enable mlflow",
         "restart mlflow",
         "enable mlflow-backup.timer",
@@ -118,10 +118,11 @@ def test_a_changed_setting_rewrites_the_unit_and_restarts_once():
 
 def test_a_new_version_is_installed_migrated_and_the_older_releases_pruned():
     upgrade = host.Release(**{**RELEASE.__dict__, "mlflow_version": "3.18.0"})
-    facts = facts_of(RELEASE, releases={"venv-3.16.0": "x", "venv-3.17.2": "y"})
-    steps = titles(host.plan(upgrade, facts))
-    assert steps[-1] == "remove old releases venv-3.16.0"  # 3.17.2 stays for a rollback
-    assert steps.index("migrate /var/lib/mlflow/mlflow.db") < steps.index("switch to venv-3.18.0")
+    older = {"venv-3.16.0-0a1b2c3d": "x", RELEASE.release_name: RELEASE.install_record}
+    steps = titles(host.plan(upgrade, facts_of(RELEASE, releases=older)))
+    assert steps[-1] == "remove old releases venv-3.16.0-0a1b2c3d"  # 3.17.2 stays for a rollback
+    switch = f"switch to {upgrade.release_name}"
+    assert steps.index("migrate /var/lib/mlflow/mlflow.db") < steps.index(switch)
     assert steps.count("restart mlflow") == 1
 
 
@@ -130,11 +131,17 @@ def test_an_interrupted_install_is_redone():
     assert "install mlflow==3.17.2 boto3" in titles(host.plan(RELEASE, facts))
 
 
-def test_a_release_installed_without_its_bytecode_is_installed_again():
+def test_a_release_installed_without_its_bytecode_is_installed_again_beside_it():
     # A release the server's user cannot write must bring its bytecode, or
-    # every start compiles MLflow again.
-    facts = facts_of(RELEASE, releases={"venv-3.17.2": "mlflow==3.17.2 boto3"})
-    assert titles(host.plan(RELEASE, facts)) == ["install mlflow==3.17.2 boto3", "restart mlflow"]
+    # every start compiles MLflow again. The running one is left as it is.
+    old = {"venv-3.17.2": "mlflow==3.17.2 boto3"}
+    facts = facts_of(RELEASE, releases=old, current="venv-3.17.2")
+    assert titles(host.plan(RELEASE, facts)) == [
+        "install mlflow==3.17.2 boto3",
+        f"switch to {RELEASE.release_name}",
+        "restart mlflow",
+    ]
+    assert RELEASE.release_name != "venv-3.17.2"
     assert "--compile-bytecode" in RELEASE.install_record
 
 
