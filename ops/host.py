@@ -14,6 +14,7 @@ On the host::
 
     /opt/mlflow/venv-<version>-<hash>  one virtualenv per release, never changed once made
     /opt/mlflow/current            symlink to the release the unit runs
+    /opt/mlflow/previous           symlink to the one it ran before, kept for a rollback
     /opt/mlflow-ops/tools          uv, which installs the releases
     /etc/mlflow/mlflow.env         the server's environment (0600, root)
     /etc/systemd/system/mlflow.service
@@ -62,6 +63,7 @@ BACKEND_URI = f"sqlite:///{DB_PATH}"
 SCHEMA_MARKER = f"{DATA_DIR}/.mlflow-ops-schema"
 RELEASES_DIR = "/opt/mlflow"
 CURRENT = f"{RELEASES_DIR}/current"
+PREVIOUS = f"{RELEASES_DIR}/previous"
 RELEASE_MARKER = ".mlflow-ops-release"
 TOOLS_DIR = "/opt/mlflow-ops/tools"
 UV = f"{TOOLS_DIR}/bin/uv"
@@ -370,7 +372,7 @@ def probe(c: Context, release: Release | None = None) -> dict:
         "unit": SERVICE,
         "data_dir": DATA_DIR,
         "proxy": PROXY,
-        "links": [SITE_LINK, DEFAULT_SITE_LINK],
+        "links": [SITE_LINK, DEFAULT_SITE_LINK, PREVIOUS],
     }
     script = _Input(PROBE.read_text())
     output = sudo(c, ["python3", "-", json.dumps(request)], in_stream=script)
@@ -404,7 +406,8 @@ def plan(release: Release, facts: dict) -> list[Step]:
     if facts["schema"] != release.mlflow_version:
         steps.append(Step(f"migrate {DB_PATH}", _migrate(release), restart=True))
     if facts["current"] != release.release_name:
-        steps.append(Step(f"switch to {release.release_name}", _switch(release), restart=True))
+        switch = _switch(release, facts["current"])
+        steps.append(Step(f"switch to {release.release_name}", switch, restart=True))
 
     unit = facts["unit"]
     if unit.get("UnitFileState") != "enabled":
@@ -424,8 +427,8 @@ def plan(release: Release, facts: dict) -> list[Step]:
     if release.tls:
         steps += _proxy_steps(facts, proxy_changed=any(f.path in PROXY_FILES for f in changed))
 
-    # Keep the release that ran before this deploy, for a quick rollback.
-    keep = {release.release_name, facts["current"]}
+    # Keep the running release and the one before it, for a quick rollback.
+    keep = {release.release_name, facts["current"], facts.get("links", {}).get(PREVIOUS)}
     stale = [name for name in facts["releases"] if name not in keep]
     if stale:
         steps.append(Step(f"remove old releases {', '.join(stale)}", _remove_releases(stale)))
@@ -539,11 +542,16 @@ def _migrate(release: Release) -> Callable[[Context], None]:
     return action
 
 
-def _switch(release: Release) -> Callable[[Context], None]:
+def _switch(release: Release, running: str | None) -> Callable[[Context], None]:
     def action(c: Context) -> None:
-        # A new link renamed over the old one, so `current` is never missing.
-        sudo(c, ["ln", "-sfn", release.release_name, f"{CURRENT}.new"])
-        sudo(c, ["mv", "-T", f"{CURRENT}.new", CURRENT])
+        # New links renamed over the old ones, so neither is ever missing.
+        # `previous` names the release to roll back to, and keeps it.
+        links = {CURRENT: release.release_name}
+        if running is not None:
+            links = {PREVIOUS: running, **links}
+        for link, name in links.items():
+            sudo(c, ["ln", "-sfn", name, f"{link}.new"])
+            sudo(c, ["mv", "-T", f"{link}.new", link])
 
     return action
 

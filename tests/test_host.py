@@ -126,6 +126,13 @@ def test_a_new_version_is_installed_migrated_and_the_older_releases_pruned():
     assert steps.count("restart mlflow") == 1
 
 
+def test_the_release_before_the_running_one_is_kept_by_later_deploys():
+    older = "venv-3.16.0-0a1b2c3d"
+    releases = {older: "x", RELEASE.release_name: RELEASE.install_record}
+    facts = facts_of(RELEASE, releases=releases, links={host.PREVIOUS: older})
+    assert host.plan(RELEASE, facts) == []  # nothing to do, nothing pruned
+
+
 def test_an_interrupted_install_is_redone():
     facts = facts_of(RELEASE, releases={})  # no marker: the install did not finish
     assert "install mlflow==3.17.2 boto3" in titles(host.plan(RELEASE, facts))
