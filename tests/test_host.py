@@ -191,18 +191,26 @@ def test_a_percent_sign_is_escaped_on_the_command_line():
     assert exec_arg("100%") == "100%%"
 
 
-def test_the_rendered_unit_passes_systemd_analyze_verify(tmp_path):
-    # A root with the system's units and the release's binary in place lets
-    # systemd check the unit as it would on the host.
+def systemd_root(tmp_path: Path, binary: str, paths: set[str]) -> Path:
+    """A root with the system's units, the release's ``binary`` and the files at ``paths``.
+
+    In it, ``systemd-analyze verify --root`` checks units as it would on the host.
+    """
     root = tmp_path / "root"
     shutil.copytree("/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    binary = root / host.CURRENT.lstrip("/") / "bin/mlflow"
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
-    unit = next(f for f in host.managed_files(RELEASE) if f.path == host.UNIT_PATH)
-    (root / host.UNIT_PATH.lstrip("/")).parent.mkdir(parents=True)
-    (root / host.UNIT_PATH.lstrip("/")).write_text(unit.content)
+    program = root / host.CURRENT.lstrip("/") / "bin" / binary
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    for managed in host.managed_files(RELEASE):
+        if managed.path in paths:
+            (root / managed.path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (root / managed.path.lstrip("/")).write_text(managed.content)
+    return root
+
+
+def test_the_rendered_unit_passes_systemd_analyze_verify(tmp_path):
+    root = systemd_root(tmp_path, "mlflow", {host.UNIT_PATH})
     done = subprocess.run(
         ["systemd-analyze", "verify", f"--root={root}", host.UNIT_PATH],
         capture_output=True,
@@ -252,16 +260,7 @@ def test_the_probe_reports_files_releases_and_markers_with_the_standard_library(
 
 
 def test_the_rendered_backup_service_and_timer_pass_systemd_analyze_verify(tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree("/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    python = root / host.CURRENT.lstrip("/") / "bin/python"
-    python.parent.mkdir(parents=True)
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
-    units = [f for f in host.managed_files(RELEASE) if f.path.startswith("/etc/systemd/")]
-    for unit in units:
-        (root / unit.path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-        (root / unit.path.lstrip("/")).write_text(unit.content)
+    root = systemd_root(tmp_path, "python", host.UNIT_FILES)
     done = subprocess.run(
         ["systemd-analyze", "verify", f"--root={root}", host.BACKUP_UNIT_PATH,
          host.BACKUP_TIMER_PATH],
